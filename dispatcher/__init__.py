@@ -1,0 +1,1 @@
+"""The orchestration plane: metadata database, Remote Execution API, relay, events, watchdog."""

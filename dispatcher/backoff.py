@@ -1,0 +1,19 @@
+"""Retry delays: exponential backoff with jitter, so retries of many tasks do not stampede."""
+
+from __future__ import annotations
+
+import random
+
+MAX_DELAY = 300.0
+
+
+def retry_delay(base: float, failed_attempt: int, rng: random.Random | None = None) -> float:
+    """Delay before the attempt after ``failed_attempt`` (1-based): "equal jitter" backoff.
+
+    Half the exponential delay is kept so retries never come back immediately; the other half
+    is random so tasks that failed together spread out.
+    """
+    if base <= 0:
+        return 0.0
+    delay = min(MAX_DELAY, base * 2 ** (failed_attempt - 1))
+    return delay / 2 + (rng or random).uniform(0, delay / 2)

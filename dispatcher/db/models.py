@@ -1,0 +1,120 @@
+"""SQLAlchemy models of the metadata database.
+
+Times are epoch seconds (floats): portable between SQLite and PostgreSQL and cheap to compare.
+Arguments and results are stored as JSON text encoded by msgspec; the dispatcher passes them
+through to the wire without decoding them on the hot path.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Pool(Base):
+    __tablename__ = "pools"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Double)
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    pool: Mapped[str] = mapped_column(ForeignKey("pools.name"))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    prefix: Mapped[str] = mapped_column(String(32))
+    """The first characters of the secret, shown so operators can tell tokens apart."""
+    secret_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    last_used_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    expires_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pool: Mapped[str] = mapped_column(ForeignKey("pools.name"), index=True)
+    token_id: Mapped[str | None] = mapped_column(ForeignKey("tokens.id"), nullable=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="online")
+    registered_at: Mapped[float] = mapped_column(Double)
+    last_seen_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("pool", "idempotency_key", name="uq_tasks_pool_idempotency_key"),
+        Index("ix_tasks_pool_state", "pool", "state"),
+        Index("ix_tasks_state", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    pool: Mapped[str] = mapped_column(ForeignKey("pools.name"))
+    kind: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(Text)
+    argv_json: Mapped[str] = mapped_column(Text, default="[]")
+    args_json: Mapped[str] = mapped_column(Text, default="[]")
+    kwargs_json: Mapped[str] = mapped_column(Text, default="{}")
+    state: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    retry_backoff: Mapped[float] = mapped_column(Double)
+    timeout: Mapped[float | None] = mapped_column(Double, nullable=True)
+    expires_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    agent_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Double)
+    started_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class TaskTransition(Base):
+    """State history of a task: one row per applied transition (the audit trail)."""
+
+    __tablename__ = "task_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[float] = mapped_column(Double)
+    from_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_state: Mapped[str] = mapped_column(String(16))
+    agent_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Outbox(Base):
+    """Attempts committed but not yet confirmed by the broker (transactional outbox)."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    available_at: Mapped[float] = mapped_column(Double, index=True)

@@ -1,0 +1,100 @@
+"""Connections the orchestration plane holds: database, Redis, and a confirming AMQP channel."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import aio_pika
+import anyio
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from schemas import messages, names
+from schemas.names import RedisKeys
+from schemas.settings import Settings
+
+from . import topology
+from .db.engine import make_engine, make_sessionmaker
+
+
+@dataclass
+class Counters:
+    """Process-wide counters, exported as metrics."""
+
+    stale_events: int = 0
+    dead_lettered: int = 0
+    requeues: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: Redis
+    keys: RedisKeys
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+    counters: Counters = field(default_factory=Counters)
+    relay_wakeup: anyio.Event = field(default_factory=anyio.Event)
+    events_applied: anyio.Event = field(default_factory=anyio.Event)
+    """Set (and replaced) each time the events consumer commits: long-polls wait on it."""
+
+    def wake_relay(self) -> None:
+        self.relay_wakeup.set()
+
+    def notify_applied(self) -> None:
+        self.events_applied.set()
+        self.events_applied = anyio.Event()
+
+    async def exchange(self, name: str) -> AbstractExchange:
+        return await self.channel.get_exchange(name)
+
+    async def declare_pool(self, pool: str) -> None:
+        await topology.declare_pool(self.channel, pool, self.settings.delivery_limit)
+
+    async def declare_agent_queue(self, agent_id: str) -> None:
+        await topology.declare_agent_queue(self.channel, agent_id)
+
+    async def publish_control(self, agent_id: str, control: messages.Control) -> None:
+        exchange = await self.exchange(names.CONTROL_EXCHANGE)
+        await exchange.publish(
+            aio_pika.Message(
+                messages.encode(control),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=agent_id,
+        )
+
+
+@asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    engine = make_engine(settings.database_url)
+    redis = Redis.from_url(settings.redis_url)
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url,
+        client_properties={
+            "connection_name": names.dispatcher_connection_name(socket.gethostname())
+        },
+    )
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        await topology.declare_core(channel)
+        yield Runtime(
+            settings=settings,
+            engine=engine,
+            sessions=make_sessionmaker(engine),
+            redis=redis,
+            keys=RedisKeys(settings.redis_prefix),
+            connection=connection,
+            channel=channel,
+        )
+    finally:
+        await connection.close()
+        await redis.aclose()
+        await engine.dispose()

@@ -1,0 +1,133 @@
+"""The task state machine: every state change is decided here, and nowhere else.
+
+Pure functions over a snapshot of the task and one input (an agent's event or an operator's or
+watchdog's command). Fencing lives here: an event for another attempt, or from an agent that no
+longer holds the attempt, is rejected, never applied.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from schemas.api import TaskState
+from schemas.messages import (
+    Cancelled,
+    Expired,
+    Failed,
+    Started,
+    Succeeded,
+    TaskEvent,
+    TimedOut,
+)
+
+from .backoff import retry_delay
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    state: TaskState
+    attempt: int
+    max_attempts: int
+    retry_backoff: float
+    agent_id: str | None
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """Apply this: move to ``to``; when ``retry_in`` is set, start attempt ``attempt + 1``."""
+
+    to: TaskState
+    reason: str
+    agent_id: str | None
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Do not apply. ``stop_attempt`` asks the sender to kill the attempt it still runs."""
+
+    reason: str
+    stop_attempt: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MarkCancelRequested:
+    """A running task: ask its agent to stop it; the agent's ``cancelled`` event finishes it."""
+
+    agent_id: str | None
+
+
+Decision = Transition | Reject
+
+
+def on_event(task: Snapshot, event: TaskEvent, rng: random.Random | None = None) -> Decision:
+    """Decide what an agent's event does to the task."""
+    if event.attempt != task.attempt:
+        return Reject("stale_attempt", stop_attempt=isinstance(event, Started))
+    if task.state.terminal:
+        return Reject("already_terminal", stop_attempt=isinstance(event, Started))
+    if isinstance(event, Started):
+        if task.state is TaskState.RUNNING and task.agent_id == event.agent_id:
+            return Reject("duplicate")
+        # QUEUED, or RUNNING under an agent whose lease this agent took over (it was dead).
+        return Transition(TaskState.RUNNING, "started", event.agent_id)
+    if task.state is TaskState.RUNNING and task.agent_id != event.agent_id:
+        return Reject("stale_agent")
+    if isinstance(event, Succeeded):
+        return Transition(TaskState.SUCCEEDED, "succeeded", event.agent_id)
+    if isinstance(event, Cancelled):
+        return Transition(TaskState.CANCELLED, "cancelled", event.agent_id)
+    if isinstance(event, Expired):
+        return Transition(TaskState.EXPIRED, "expired", event.agent_id)
+    if isinstance(event, Failed):
+        return _failure(
+            task, TaskState.FAILED, event.error_type, event.agent_id, event.retryable, rng
+        )
+    if isinstance(event, TimedOut):
+        return _failure(task, TaskState.TIMED_OUT, "timeout", event.agent_id, True, rng)
+    raise TypeError(f"not a task event: {event!r}")
+
+
+def on_agent_lost(task: Snapshot, agent_id: str) -> Decision:
+    """The watchdog found the agent running this attempt dead: requeue or give up."""
+    if task.state is not TaskState.RUNNING or task.agent_id != agent_id:
+        return Reject("not_running_there")
+    if task.cancel_requested:
+        return Transition(TaskState.CANCELLED, "agent_lost", agent_id)
+    if task.attempt < task.max_attempts:
+        return Transition(TaskState.QUEUED, "agent_lost", agent_id, retry_in=0.0)
+    return Transition(TaskState.FAILED, "agent_lost", agent_id)
+
+
+def on_cancel(task: Snapshot) -> Decision | MarkCancelRequested:
+    """An operator asked to cancel the task."""
+    if task.state.terminal:
+        return Reject("already_terminal")
+    if task.state is TaskState.QUEUED:
+        return Transition(TaskState.CANCELLED, "cancel_requested", task.agent_id)
+    return MarkCancelRequested(task.agent_id)
+
+
+def on_expiry(task: Snapshot) -> Decision:
+    """The task waited longer than its schedule-to-start limit."""
+    if task.state is not TaskState.QUEUED:
+        return Reject("not_queued")
+    return Transition(TaskState.EXPIRED, "expired", None)
+
+
+def _failure(
+    task: Snapshot,
+    final: TaskState,
+    reason: str,
+    agent_id: str,
+    retryable: bool,
+    rng: random.Random | None,
+) -> Transition:
+    if task.cancel_requested:
+        return Transition(TaskState.CANCELLED, reason, agent_id)
+    if retryable and task.attempt < task.max_attempts:
+        delay = retry_delay(task.retry_backoff, task.attempt, rng)
+        return Transition(TaskState.QUEUED, reason, agent_id, retry_in=delay)
+    return Transition(final, reason, agent_id)

@@ -1,0 +1,67 @@
+"""Declares the RabbitMQ topology named in the guide; only the dispatcher configures the broker.
+
+Agents never declare anything (their credentials cannot): they check their queues passively.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+from aio_pika.abc import AbstractChannel
+
+from schemas import names
+
+AGENT_QUEUE_EXPIRES_MS = 3_600_000
+"""An agent's control queue disappears an hour after its agent stopped consuming it."""
+
+
+async def declare_core(channel: AbstractChannel) -> None:
+    direct = aio_pika.ExchangeType.DIRECT
+    await channel.declare_exchange(names.TASKS_EXCHANGE, direct, durable=True)
+    await channel.declare_exchange(names.CONTROL_EXCHANGE, direct, durable=True)
+    dead = await channel.declare_exchange(names.DEAD_EXCHANGE, direct, durable=True)
+    events = await channel.declare_exchange(
+        names.EVENTS_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    queue = await channel.declare_queue(
+        names.EVENTS_QUEUE,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": names.DEAD_EXCHANGE,
+            "x-dead-letter-routing-key": names.DEAD_EVENTS_ROUTING_KEY,
+        },
+    )
+    await queue.bind(events, routing_key="")
+    dead_events = await channel.declare_queue(
+        names.dead_queue(names.DEAD_EVENTS_ROUTING_KEY), durable=True
+    )
+    await dead_events.bind(dead, routing_key=names.DEAD_EVENTS_ROUTING_KEY)
+
+
+async def declare_pool(channel: AbstractChannel, pool: str, delivery_limit: int) -> None:
+    """The pool's quorum queue; poison messages go to ``rexec.dead.<pool>`` after the limit."""
+    tasks = await channel.get_exchange(names.TASKS_EXCHANGE)
+    dead = await channel.get_exchange(names.DEAD_EXCHANGE)
+    queue = await channel.declare_queue(
+        names.pool_queue(pool),
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-exchange": names.DEAD_EXCHANGE,
+            "x-dead-letter-routing-key": pool,
+        },
+    )
+    await queue.bind(tasks, routing_key=pool)
+    dead_queue = await channel.declare_queue(names.dead_queue(pool), durable=True)
+    await dead_queue.bind(dead, routing_key=pool)
+
+
+async def declare_agent_queue(channel: AbstractChannel, agent_id: str) -> None:
+    control = await channel.get_exchange(names.CONTROL_EXCHANGE)
+    queue = await channel.declare_queue(
+        names.agent_queue(agent_id),
+        durable=True,
+        arguments={"x-expires": AGENT_QUEUE_EXPIRES_MS},
+    )
+    await queue.bind(control, routing_key=agent_id)

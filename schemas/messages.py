@@ -1,0 +1,178 @@
+"""Versioned wire messages exchanged over RabbitMQ.
+
+Every body is JSON so an operator can read it in the management UI. Each message carries a
+protocol version ``v``; decoders check it before decoding the body strictly, so an unknown
+version is refused with a message that says so instead of a confusing field error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+TaskKind = Literal["function", "command"]
+
+
+class _Header(msgspec.Struct):
+    v: int
+
+
+class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One attempt of a task, published by the dispatcher to its pool's queue."""
+
+    v: int = PROTOCOL_VERSION
+    task_id: str
+    attempt: int
+    pool: str
+    kind: TaskKind
+    target: str
+    """``module:function`` for a function task, the program (argv[0]) for a command task."""
+    argv: list[str] = []
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    timeout: float | None = None
+    """Seconds the agent lets the attempt run before it kills it."""
+    expires_at: float | None = None
+    """Epoch seconds after which the task must not start (schedule-to-start expiry)."""
+    submitted_at: float = 0.0
+
+
+class _Event(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"
+):
+    task_id: str
+    attempt: int
+    agent_id: str
+    at: float
+
+
+class Started(_Event, tag="started"):
+    pass
+
+
+class Succeeded(_Event, tag="succeeded"):
+    result: Any = None
+
+
+class Failed(_Event, tag="failed"):
+    error_type: str
+    message: str
+    traceback: str = ""
+    retryable: bool = True
+
+
+class TimedOut(_Event, tag="timed_out"):
+    timeout: float
+
+
+class Cancelled(_Event, tag="cancelled"):
+    pass
+
+
+class Expired(_Event, tag="expired"):
+    pass
+
+
+class AgentOnline(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag="agent_online",
+    tag_field="type",
+):
+    agent_id: str
+    pool: str
+    hostname: str
+    pid: int
+    concurrency: int
+    at: float
+
+
+class AgentOffline(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag="agent_offline",
+    tag_field="type",
+):
+    agent_id: str
+    pool: str
+    reason: str
+    at: float
+
+
+TaskEvent = Started | Succeeded | Failed | TimedOut | Cancelled | Expired
+Event = TaskEvent | AgentOnline | AgentOffline
+TERMINAL_EVENTS = (Succeeded, Failed, TimedOut, Cancelled, Expired)
+
+
+class EventBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Agents send events in batches: one AMQP message (and one confirm) for many events."""
+
+    v: int = PROTOCOL_VERSION
+    events: list[Event]
+
+
+class Control(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Dispatcher to one agent, over ``rexec.control``: stop an attempt it runs."""
+
+    v: int = PROTOCOL_VERSION
+    action: Literal["cancel", "lease_lost"]
+    task_id: str
+    attempt: int
+
+
+class MessageError(ValueError):
+    """A message that cannot be used: the text says what was wrong with it."""
+
+
+_encoder = msgspec.json.Encoder()
+_header_decoder = msgspec.json.Decoder(_Header)
+_task_decoder = msgspec.json.Decoder(TaskMessage)
+_batch_decoder = msgspec.json.Decoder(EventBatch)
+_control_decoder = msgspec.json.Decoder(Control)
+
+
+def encode(message: TaskMessage | EventBatch | Control) -> bytes:
+    return _encoder.encode(message)
+
+
+def _check_version(body: bytes, what: str) -> None:
+    try:
+        header = _header_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MessageError(f"malformed {what} message: {exc}") from None
+    if header.v not in SUPPORTED_VERSIONS:
+        raise MessageError(
+            f"unsupported protocol version {header.v} in {what} message "
+            f"(this side speaks {sorted(SUPPORTED_VERSIONS)}); upgrade the older side"
+        )
+
+
+T = TypeVar("T")
+
+
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes, what: str) -> T:
+    _check_version(body, what)
+    try:
+        return decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MessageError(f"malformed {what} message: {exc}") from None
+
+
+def decode_task(body: bytes) -> TaskMessage:
+    return _decode(_task_decoder, body, "task")
+
+
+def decode_events(body: bytes) -> EventBatch:
+    return _decode(_batch_decoder, body, "event")
+
+
+def decode_control(body: bytes) -> Control:
+    return _decode(_control_decoder, body, "control")

@@ -1,0 +1,71 @@
+"""Names an operator sees in RabbitMQ's dashboard and in Redis, in one place."""
+
+from __future__ import annotations
+
+import re
+
+TASKS_EXCHANGE = "rexec.tasks"
+EVENTS_EXCHANGE = "rexec.events"
+EVENTS_QUEUE = "rexec.events"
+CONTROL_EXCHANGE = "rexec.control"
+DEAD_EXCHANGE = "rexec.dead"
+DEAD_EVENTS_ROUTING_KEY = "events"
+
+POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+REASON_HEADER = "x-rexec-reason"
+"""Header that says why a message was dead-lettered by rexec (rather than by the broker)."""
+
+
+def pool_queue(pool: str) -> str:
+    return f"rexec.pool.{pool}"
+
+
+def dead_queue(routing_key: str) -> str:
+    return f"rexec.dead.{routing_key}"
+
+
+def agent_queue(agent_id: str) -> str:
+    return f"rexec.agent.{agent_id}"
+
+
+def agent_connection_name(pool: str, agent_id: str, host: str) -> str:
+    return f"rexec-agent {pool}/{agent_id}@{host}"
+
+
+def dispatcher_connection_name(host: str) -> str:
+    return f"rexec-dispatcher@{host}"
+
+
+class RedisKeys:
+    """Redis key layout under one prefix (``rexec`` unless tests isolate themselves)."""
+
+    def __init__(self, prefix: str = "rexec") -> None:
+        self.prefix = prefix
+
+    def agent(self, agent_id: str) -> str:
+        """Heartbeat key: exists while the agent is alive (``SET ... EX ttl``)."""
+        return f"{self.prefix}:agent:{agent_id}"
+
+    def agent_leases(self, agent_id: str) -> str:
+        """Set of ``task:attempt`` leases the agent holds, so it can re-assert them."""
+        return f"{self.prefix}:agent:{agent_id}:leases"
+
+    def lease(self, task_id: str, attempt: int) -> str:
+        return f"{self.prefix}:lease:{task_id}:{attempt}"
+
+    def cancelled(self, task_id: str) -> str:
+        """Marker checked by the claim script so a cancelled task never starts."""
+        return f"{self.prefix}:cancelled:{task_id}"
+
+    def agents_pattern(self) -> str:
+        return f"{self.prefix}:agent:*"
+
+
+def validate_pool_name(pool: str) -> str:
+    if not POOL_NAME.match(pool):
+        raise ValueError(
+            f"invalid pool name {pool!r}: use 1-63 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return pool

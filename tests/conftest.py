@@ -1,0 +1,116 @@
+"""Test isolation: each test session gets its own RabbitMQ vhost, Redis key prefix and database.
+
+The services are the real ones on this machine (``make test`` checks they answer). Nothing a run
+creates is visible to another run, and everything is removed when the session ends.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import anyio
+import asyncpg
+import httpx
+import pytest
+import redis
+
+from schemas.settings import Settings, load_settings
+
+AMQP_HOST = os.environ.get("REXEC_TEST_AMQP_HOST", "127.0.0.1:5672")
+MANAGEMENT_URL = os.environ.get("REXEC_TEST_MANAGEMENT_URL", "http://127.0.0.1:15672")
+REDIS_URL = os.environ.get("REXEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_DSN = os.environ.get("REXEC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+@pytest.fixture(scope="session")
+def run_id(worker_id: str) -> str:
+    return f"{uuid.uuid4().hex[:8]}-{worker_id}"
+
+
+@pytest.fixture(scope="session")
+def vhost(run_id: str) -> Iterator[str]:
+    name = f"rexec-test-{run_id}"
+    api = httpx.Client(base_url=MANAGEMENT_URL, auth=("guest", "guest"), timeout=30)
+    path = quote(name, safe="")
+    api.put(f"/api/vhosts/{path}").raise_for_status()
+    api.put(
+        f"/api/permissions/{path}/guest",
+        json={"configure": ".*", "write": ".*", "read": ".*"},
+    ).raise_for_status()
+    yield name
+    api.delete(f"/api/vhosts/{path}")
+
+
+@pytest.fixture(scope="session")
+def amqp_url(vhost: str) -> str:
+    return f"amqp://guest:guest@{AMQP_HOST}/{quote(vhost, safe='')}"
+
+
+@pytest.fixture(scope="session")
+def redis_prefix(run_id: str) -> Iterator[str]:
+    prefix = f"rexec-test-{run_id}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(run_id: str) -> Iterator[str]:
+    """A database of this session's own on the local PostgreSQL, with the schema migrated."""
+    name = f"rexec_test_{run_id.replace('-', '_')}"
+    anyio.run(_admin, f'CREATE DATABASE "{name}"')
+    url = f"postgresql+asyncpg://{POSTGRES_DSN.split('://', 1)[1]}/{name}"
+    from dispatcher.db.migrate import upgrade
+
+    upgrade(url)
+    yield url
+    anyio.run(_admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _admin(statement: str) -> None:
+    connection = await asyncpg.connect(f"{POSTGRES_DSN}/postgres")
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'rexec.db'}"
+    from dispatcher.db.migrate import upgrade
+
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Core tests run once on SQLite (the default) and once on PostgreSQL (production)."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def settings(database_url: str, amqp_url: str, redis_prefix: str, tmp_path: Path) -> Settings:
+    return load_settings(
+        {},
+        database_url=database_url,
+        amqp_url=amqp_url,
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+        heartbeat_ttl=3.0,
+    )
+
+
+@pytest.fixture
+def pool_name() -> str:
+    """A pool name no other test uses, so tests sharing a vhost and database never collide."""
+    return f"p{uuid.uuid4().hex[:10]}"
