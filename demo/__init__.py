@@ -1,0 +1,1 @@
+"""``make demo``: a real dispatcher and two agents in two pools run a few thousand tasks."""

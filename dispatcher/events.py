@@ -1,0 +1,182 @@
+"""The events consumer: applies agents' events to the database through the state machine.
+
+Deliveries are taken in batches: one transaction and one (multiple) ack per batch. An event
+is acked only after its effect is committed, so a crash replays it; replays are harmless
+because the state machine rejects duplicates and events of other attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import aio_pika
+import anyio
+import msgspec
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from sqlalchemy import select, update
+
+from schemas import messages, names
+
+from . import statemachine, transitions
+from .db.models import Agent, Task
+from .runtime import Runtime
+
+log = logging.getLogger("rexec.events")
+
+PREFETCH = 2000
+MAX_BATCH = 1000
+
+_json = msgspec.json.Encoder()
+
+
+async def run_events(rt: Runtime) -> None:
+    """Consume ``rexec.events`` forever, reopening the channel after an error."""
+    while True:
+        try:
+            await _consume(rt)
+        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+            log.warning("events consumer lost its channel, reopening", extra={"error": str(exc)})
+            await anyio.sleep(0.5)
+
+
+async def _consume(rt: Runtime) -> None:
+    channel = await rt.connection.channel(publisher_confirms=True)
+    try:
+        await channel.set_qos(prefetch_count=PREFETCH)
+        queue = await channel.get_queue(names.EVENTS_QUEUE)
+        send, receive = anyio.create_memory_object_stream[AbstractIncomingMessage](math.inf)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            send.send_nowait(message)
+
+        await queue.consume(on_message)
+        while True:
+            batch = [await receive.receive()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(receive.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            await handle_batch(rt, channel, batch)
+            await batch[-1].ack(multiple=True)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def handle_batch(
+    rt: Runtime, channel: AbstractChannel, deliveries: Sequence[AbstractIncomingMessage]
+) -> None:
+    events: list[messages.Event] = []
+    for delivery in deliveries:
+        try:
+            events.extend(messages.decode_events(delivery.body).events)
+        except messages.MessageError as exc:
+            await dead_letter(rt, channel, delivery, str(exc))
+    if events:
+        await apply_events(rt, events)
+
+
+async def dead_letter(
+    rt: Runtime, channel: AbstractChannel, delivery: AbstractIncomingMessage, reason: str
+) -> None:
+    log.error("dead-lettering a bad event message", extra={"reason": reason})
+    dead = await channel.get_exchange(names.DEAD_EXCHANGE)
+    headers = dict(delivery.headers or {})
+    headers[names.REASON_HEADER] = reason
+    await dead.publish(
+        aio_pika.Message(
+            delivery.body,
+            headers=headers,
+            content_type=delivery.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
+        routing_key=names.DEAD_EVENTS_ROUTING_KEY,
+    )
+    rt.counters.dead_lettered += 1
+
+
+async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
+    """Apply a batch of events in one transaction; then stop attempts that must not run."""
+    now = time.time()
+    stop: list[tuple[str, messages.Control]] = []
+    retried = False
+    task_ids = {e.task_id for e in events if isinstance(e, messages.TaskEvent)}
+    async with rt.sessions.begin() as session:
+        tasks: dict[str, Task] = {}
+        if task_ids:
+            result = await session.scalars(select(Task).where(Task.id.in_(task_ids)))
+            tasks = {t.id: t for t in result}
+        for event in events:
+            if isinstance(event, messages.AgentOnline | messages.AgentOffline):
+                state = "online" if isinstance(event, messages.AgentOnline) else "offline"
+                await session.execute(
+                    update(Agent)
+                    .where(Agent.id == event.agent_id)
+                    .values(state=state, last_seen_at=event.at)
+                )
+                continue
+            task = tasks.get(event.task_id)
+            if task is None:
+                _reject(rt, event, "unknown_task")
+                continue
+            decision = statemachine.on_event(transitions.snapshot(task), event)
+            if isinstance(decision, statemachine.Reject):
+                _reject(rt, event, decision.reason)
+                if decision.stop_attempt:
+                    action = (
+                        "cancel"
+                        if task.cancel_requested or task.state == "cancelled"
+                        else "lease_lost"
+                    )
+                    stop.append(
+                        (
+                            event.agent_id,
+                            messages.Control(action=action, task_id=task.id, attempt=event.attempt),
+                        )
+                    )
+                continue
+            result_json = error_json = None
+            if isinstance(event, messages.Succeeded):
+                result_json = _json.encode(event.result).decode()
+            elif isinstance(event, messages.Failed):
+                error_json = _json.encode(
+                    {
+                        "type": event.error_type,
+                        "message": event.message,
+                        "traceback": event.traceback,
+                    }
+                ).decode()
+            elif isinstance(event, messages.TimedOut):
+                error_json = _json.encode(
+                    {
+                        "type": "TimedOut",
+                        "message": f"attempt ran longer than its {event.timeout:g}s timeout",
+                    }
+                ).decode()
+            transitions.apply(
+                session, task, decision, now, result_json=result_json, error_json=error_json
+            )
+            retried = retried or decision.retry_in is not None
+    rt.notify_applied()
+    if retried:
+        rt.wake_relay()
+    for agent_id, control in stop:
+        await rt.publish_control(agent_id, control)
+
+
+def _reject(rt: Runtime, event: messages.TaskEvent, reason: str) -> None:
+    rt.counters.stale_events += 1
+    log.info(
+        "rejected event",
+        extra={
+            "reason": reason,
+            "type": type(event).__name__.lower(),
+            "task_id": event.task_id,
+            "attempt": event.attempt,
+            "agent_id": event.agent_id,
+        },
+    )

@@ -1,0 +1,135 @@
+"""The outbox relay: publishes committed attempts to their pool's queue, then forgets them.
+
+The API commits a task and its outbox row together; the relay publishes persistent messages
+with publisher confirms and ``mandatory`` (an unroutable pool is an error, not a silent drop),
+and deletes the outbox rows only after the broker confirmed. A crash in between publishes the
+same attempt again; agents recognise the duplicate by its lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import aio_pika
+import anyio
+import msgspec
+from aio_pika.abc import AbstractExchange
+from aio_pika.exceptions import DeliveryError
+from sqlalchemy import delete, func, select
+
+from schemas import messages, names
+from schemas.api import TaskState
+
+from .db.models import Outbox, Pool, Task
+from .runtime import Runtime
+
+log = logging.getLogger("rexec.relay")
+
+BATCH_SIZE = 500
+IDLE_POLL = 1.0
+"""Seconds between looks at the outbox when nothing woke the relay (other replicas, retries)."""
+
+_json = msgspec.json.Decoder()
+
+
+def task_message(task: Task, attempt: int) -> messages.TaskMessage:
+    return messages.TaskMessage(
+        task_id=task.id,
+        attempt=attempt,
+        pool=task.pool,
+        kind="command" if task.kind == "command" else "function",
+        target=task.target,
+        argv=_json.decode(task.argv_json),
+        args=_json.decode(task.args_json),
+        kwargs=_json.decode(task.kwargs_json),
+        timeout=task.timeout,
+        expires_at=task.expires_at,
+        submitted_at=task.created_at,
+    )
+
+
+async def run_relay(rt: Runtime) -> None:
+    exchange = await rt.exchange(names.TASKS_EXCHANGE)
+    while True:
+        rt.relay_wakeup = anyio.Event()
+        try:
+            published, next_due = await relay_once(rt, exchange)
+        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+            log.warning("relay could not publish, will retry", extra={"error": str(exc)})
+            await anyio.sleep(0.5)
+            continue
+        if published >= BATCH_SIZE:
+            continue
+        wait = IDLE_POLL if next_due is None else max(0.0, min(IDLE_POLL, next_due - time.time()))
+        with anyio.move_on_after(wait):
+            await rt.relay_wakeup.wait()
+
+
+async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, float | None]:
+    """Publish one batch of due outbox rows; return how many, and when the next one is due."""
+    now = time.time()
+    async with rt.sessions() as session:
+        rows = (
+            await session.execute(
+                select(Outbox, Task)
+                .join(Task, Task.id == Outbox.task_id)
+                .join(Pool, Pool.name == Task.pool)
+                .where(Outbox.available_at <= now, Pool.draining.is_(False))
+                .order_by(Outbox.id)
+                .limit(BATCH_SIZE)
+            )
+        ).all()
+        next_due = None
+        if len(rows) < BATCH_SIZE:
+            next_due = await session.scalar(
+                select(func.min(Outbox.available_at))
+                .join(Task, Task.id == Outbox.task_id)
+                .join(Pool, Pool.name == Task.pool)
+                .where(Outbox.available_at > now, Pool.draining.is_(False))
+            )
+    if not rows:
+        return 0, next_due
+    live = [(o, t) for o, t in rows if t.state == TaskState.QUEUED and t.attempt == o.attempt]
+    done = await _publish(rt, exchange, live)
+    live_ids = {o.id for o, _ in live}
+    done.extend(o.id for o, _ in rows if o.id not in live_ids)
+    if done:
+        async with rt.sessions.begin() as session:
+            await session.execute(delete(Outbox).where(Outbox.id.in_(done)))
+    return len(rows), next_due
+
+
+async def _publish(
+    rt: Runtime, exchange: AbstractExchange, rows: Sequence[tuple[Outbox, Task]]
+) -> list[int]:
+    """Publish concurrently (confirms pipeline); return the outbox ids the broker confirmed."""
+    confirmed: list[int] = []
+    unroutable: set[str] = set()
+
+    async def one(outbox: Outbox, task: Task) -> None:
+        body = messages.encode(task_message(task, outbox.attempt))
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=f"{task.id}:{outbox.attempt}",
+            type="rexec.task",
+            timestamp=time.time(),
+        )
+        try:
+            await exchange.publish(message, routing_key=task.pool, mandatory=True)
+        except DeliveryError:
+            unroutable.add(task.pool)
+            return
+        confirmed.append(outbox.id)
+
+    async with anyio.create_task_group() as tg:
+        for outbox, task in rows:
+            tg.start_soon(one, outbox, task)
+    for pool in unroutable:
+        # The pool's queue is gone (deleted by hand?): declare it again; the rows stay for the next round.
+        log.error("pool queue missing, declaring it again", extra={"pool": pool})
+        await rt.declare_pool(pool)
+    return confirmed

@@ -1,0 +1,46 @@
+"""``rexec serve``: the whole orchestration plane (API, relay, events consumer) in one process."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import uvicorn
+
+from schemas.settings import Settings
+
+from . import logs
+from .api import create_app
+from .db.migrate import upgrade
+from .events import run_events
+from .relay import run_relay
+from .runtime import open_runtime
+
+log = logging.getLogger("rexec.serve")
+
+
+async def serve(settings: Settings) -> None:
+    async with open_runtime(settings) as rt:
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(rt),
+                host=settings.api_host,
+                port=settings.api_port,
+                log_config=None,
+                access_log=False,
+            )
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_relay, rt)
+            tg.start_soon(run_events, rt)
+            log.info("serving", extra={"api": f"http://{settings.api_host}:{settings.api_port}"})
+            # uvicorn handles SIGINT/SIGTERM: when it returns, stop everything else too.
+            await server.serve()
+            tg.cancel_scope.cancel()
+    log.info("stopped")
+
+
+def main(settings: Settings) -> None:
+    logs.configure()
+    upgrade(settings.database_url)
+    anyio.run(serve, settings)

@@ -1,0 +1,99 @@
+"""A real orchestration plane (``rexec serve``) and real agents (``rexec-agent``) as processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from client import RexecClient
+from schemas.settings import Settings
+from tests.support import Process, free_port, http_ready, python_entry, wait_until
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    return {
+        "REXEC_DATABASE_URL": settings.database_url,
+        "REXEC_AMQP_URL": settings.amqp_url,
+        "REXEC_REDIS_URL": settings.redis_url,
+        "REXEC_REDIS_PREFIX": settings.redis_prefix,
+        "REXEC_API_URL": settings.api_url,
+        "REXEC_API_PORT": str(settings.api_port),
+        "REXEC_HEARTBEAT_TTL": str(settings.heartbeat_ttl),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+    }
+
+
+class Plane:
+    """One dispatcher process plus the agents a test starts; all stopped at teardown."""
+
+    def __init__(self, settings: Settings, logs: Path) -> None:
+        port = free_port()
+        self.settings = Settings(
+            **{**_fields(settings), "api_port": port, "api_url": f"http://127.0.0.1:{port}"}
+        )
+        self.logs = logs
+        self.env = settings_env(self.settings)
+        self.processes: list[Process] = []
+        self.dispatcher = self.start_dispatcher()
+        self.client = RexecClient(self.settings.api_url)
+
+    def start_dispatcher(self) -> Process:
+        process = self._start(["rexec", "serve"], "dispatcher", {})
+        wait_until(
+            lambda: (
+                http_ready(f"{self.settings.api_url}/healthz") or process.popen.poll() is not None
+            ),
+            30,
+            "the dispatcher's API",
+        )
+        assert process.popen.poll() is None, f"rexec serve exited:\n{process.output()}"
+        return process
+
+    def start_agent(
+        self, pool: str, *args: str, token: str | None = None, name: str = "agent"
+    ) -> Process:
+        if token is None:
+            token = self.client.create_token(pool).secret
+        return self._start(
+            ["rexec-agent", "--pool", pool, *args], name, {"REXEC_AGENT_TOKEN": token}
+        )
+
+    def _start(self, argv: list[str], name: str, env: dict[str, str]) -> Process:
+        module = {"rexec": "dispatcher.cli", "rexec-agent": "worker.cli"}[argv[0]]
+        log = self.logs / f"{name}-{len(self.processes)}.log"
+        process = Process([*python_entry(module), *argv[1:]], {**self.env, **env}, log)
+        self.processes.append(process)
+        return process
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.client.close()
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"--- {p.log.name}\n{p.output()[-4000:]}" for p in self.processes)
+
+
+def _fields(settings: Settings) -> dict[str, object]:
+    import msgspec
+
+    return msgspec.structs.asdict(settings)
+
+
+@pytest.fixture
+def plane(settings: Settings, tmp_path: Path) -> Iterator[Plane]:
+    plane = Plane(settings, tmp_path)
+    yield plane
+    plane.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On failure, attach the logs of every process the test started to the report."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    plane = getattr(item, "funcargs", {}).get("plane")
+    if report.when == "call" and report.failed and isinstance(plane, Plane):
+        report.sections.append(("rexec processes", plane.dump_logs()))

@@ -1,0 +1,62 @@
+"""Wire decoding is strict and its errors say what was wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas import messages
+
+
+def test_task_round_trip() -> None:
+    task = messages.TaskMessage(
+        task_id="t", attempt=2, pool="p", kind="function", target="m:f", args=[1], kwargs={"a": "b"}
+    )
+    assert messages.decode_task(messages.encode(task)) == task
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"not json", "malformed task message"),
+        (b'{"v": 9, "task_id": "t"}', "unsupported protocol version 9"),
+        (b'{"v": 1, "task_id": "t"}', "missing required field"),
+        (
+            b'{"v": 1, "task_id": "t", "attempt": "x", "pool": "p", "kind": "function", "target": "m:f"}',
+            "Expected `int`",
+        ),
+        (
+            b'{"v": 1, "task_id": "t", "attempt": 1, "pool": "p", "kind": "shell", "target": "m:f"}',
+            "Invalid enum value 'shell'",
+        ),
+        (
+            b'{"v": 1, "task_id": "t", "attempt": 1, "pool": "p", "kind": "function", "target": "m:f", "extra": 1}',
+            "unknown field",
+        ),
+    ],
+)
+def test_bad_task_bodies_are_refused_with_the_reason(body: bytes, needle: str) -> None:
+    with pytest.raises(messages.MessageError, match=needle):
+        messages.decode_task(body)
+
+
+def test_event_batches_carry_mixed_events() -> None:
+    batch = messages.EventBatch(
+        events=[
+            messages.Started(task_id="t", attempt=1, agent_id="a", at=1.0),
+            messages.Succeeded(task_id="t", attempt=1, agent_id="a", at=2.0, result={"x": [1, 2]}),
+            messages.AgentOffline(agent_id="a", pool="p", reason="drained", at=3.0),
+        ]
+    )
+    assert messages.decode_events(messages.encode(batch)) == batch
+
+
+def test_unknown_event_type_is_refused() -> None:
+    with pytest.raises(messages.MessageError, match=r"\$\.events\[0\]"):
+        messages.decode_events(b'{"v": 1, "events": [{"type": "exploded"}]}')
+
+
+def test_control_messages_decode() -> None:
+    control = messages.Control(action="cancel", task_id="t", attempt=1)
+    assert messages.decode_control(messages.encode(control)) == control
+    with pytest.raises(messages.MessageError):
+        messages.decode_control(b'{"v": 1, "action": "explode", "task_id": "t", "attempt": 1}')
