@@ -14,7 +14,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import quote
 
@@ -238,14 +238,10 @@ def processes() -> Iterator[Callable[[str, list[str], dict[str, str]], subproces
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
         for proc in reversed(running):
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
+            with suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait()
         console.print(f"stopped {len(running)} processes; logs in {logs}")
 

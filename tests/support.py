@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -33,7 +34,9 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "c
 
 
 async def await_until(
-    predicate: Callable[[], Awaitable[T]], timeout: float = 10.0, what: str = "condition"
+    predicate: Callable[[], Awaitable[T]],
+    timeout: float = 10.0,  # noqa: ASYNC109  (a deadline for polling, not a cancel scope)
+    what: str = "condition",
 ) -> T:
     deadline = time.monotonic() + timeout
     while True:
@@ -87,10 +90,8 @@ class Process:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         code = self.popen.wait()
         self._log_file.close()
         return code
