@@ -1,4 +1,4 @@
-"""``rexec serve``: the whole orchestration plane (API, relay, events consumer) in one process."""
+"""``rexec serve``: the orchestration plane (API, relay, events consumer, watchdog) in one process."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .db.migrate import upgrade
 from .events import run_events
 from .relay import run_relay
 from .runtime import open_runtime
+from .watchdog import Watchdog
 
 log = logging.getLogger("rexec.serve")
 
@@ -33,6 +34,7 @@ async def serve(settings: Settings) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_relay, rt)
             tg.start_soon(run_events, rt)
+            tg.start_soon(Watchdog(rt).run)
             log.info("serving", extra={"api": f"http://{settings.api_host}:{settings.api_port}"})
             # uvicorn handles SIGINT/SIGTERM: when it returns, stop everything else too.
             await server.serve()

@@ -101,6 +101,13 @@ def on_agent_lost(task: Snapshot, agent_id: str) -> Decision:
     return Transition(TaskState.FAILED, "agent_lost", agent_id)
 
 
+def on_overdue(task: Snapshot, rng: random.Random | None = None) -> Decision:
+    """The attempt outlived its timeout and its agent said nothing: the watchdog's backstop."""
+    if task.state is not TaskState.RUNNING:
+        return Reject("not_running")
+    return _failure(task, TaskState.TIMED_OUT, "timeout_backstop", task.agent_id, True, rng)
+
+
 def on_cancel(task: Snapshot) -> Decision | MarkCancelRequested:
     """An operator asked to cancel the task."""
     if task.state.terminal:
@@ -121,7 +128,7 @@ def _failure(
     task: Snapshot,
     final: TaskState,
     reason: str,
-    agent_id: str,
+    agent_id: str | None,
     retryable: bool,
     rng: random.Random | None,
 ) -> Transition:

@@ -23,6 +23,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_ttl: float = 6.0
     """Seconds an agent's heartbeat key lives; agents refresh it several times per TTL."""
     watchdog_interval: float = 1.0
+    management_url: str = "http://guest:guest@127.0.0.1:15672"
+    """RabbitMQ's management API: the watchdog closes a dead agent's connection through it
+    so its unacked deliveries return at once. Empty disables it."""
     max_payload_bytes: int = 256 * 1024
     max_result_bytes: int = 256 * 1024
     delivery_limit: int = 5

@@ -118,3 +118,14 @@ class Outbox(Base):
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"))
     attempt: Mapped[int] = mapped_column(Integer)
     available_at: Mapped[float] = mapped_column(Double, index=True)
+
+
+class Leader(Base):
+    """Leader leases among dispatcher replicas; ``epoch`` grows at each change of holder."""
+
+    __tablename__ = "leaders"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    epoch: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[float] = mapped_column(Double)

@@ -1,0 +1,225 @@
+"""The watchdog: finds attempts whose agent died or hung, and hands them to a healthy agent.
+
+It runs on one dispatcher replica at a time (a leader lease in the database, fenced by its
+epoch). An agent is dead when its Redis heartbeat key is gone. A Redis outage is not "all
+agents dead": while Redis is unreachable the watchdog pauses, and after Redis comes back, or
+lost its data (the epoch key is missing), it waits one heartbeat TTL before judging anyone,
+so live agents have time to write their keys again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+
+import anyio
+from redis.exceptions import RedisError
+from sqlalchemy import delete, select
+
+from schemas import messages
+from schemas.api import TaskState
+
+from . import statemachine, transitions
+from .db.models import Agent, Outbox, Task
+from .leadership import LeaderLease
+from .management import close_agent_connections
+from .runtime import Runtime
+
+log = logging.getLogger("rexec.watchdog")
+
+LEASE_TOMBSTONE_TTL = 86_400
+
+
+class RedisGate:
+    """Says when heartbeats can be trusted: Redis reachable, and not just back from a loss."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.epoch_key = f"{rt.keys.prefix}:epoch"
+        self.trusted_from = 0.0
+        self.reachable = True
+
+    async def trusted(self) -> bool:
+        now = time.time()
+        try:
+            created = await self.rt.redis.set(self.epoch_key, uuid.uuid4().hex, nx=True)
+        except (RedisError, OSError) as exc:
+            if self.reachable:
+                log.warning("redis unreachable: watchdog paused", extra={"error": str(exc)})
+            self.reachable = False
+            return False
+        if not self.reachable or created:
+            why = "came back" if not self.reachable else "lost its data (or is new)"
+            log.warning(
+                f"redis {why}: judging no agent for one heartbeat TTL",
+                extra={"grace": self.rt.settings.heartbeat_ttl},
+            )
+            self.reachable = True
+            self.trusted_from = now + self.rt.settings.heartbeat_ttl
+        return now >= self.trusted_from
+
+
+class Watchdog:
+    def __init__(self, rt: Runtime, replica: str | None = None) -> None:
+        self.rt = rt
+        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        interval = rt.settings.watchdog_interval
+        self.lease = LeaderLease(rt.sessions, "watchdog", self.replica, ttl=max(3 * interval, 3.0))
+        self.gate = RedisGate(rt)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    if await self.lease.acquire():
+                        await self.tick()
+                except Exception:
+                    log.exception("watchdog tick failed; trying again next interval")
+                await anyio.sleep(self.rt.settings.watchdog_interval)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.lease.release()
+
+    async def tick(self) -> None:
+        await self.expire_queued()
+        if await self.gate.trusted():
+            await self.requeue_lost()
+            await self.backstop_timeouts()
+
+    async def requeue_lost(self) -> None:
+        async with self.rt.sessions() as session:
+            running = (
+                await session.execute(
+                    select(Task.agent_id).where(Task.state == TaskState.RUNNING).distinct()
+                )
+            ).scalars()
+            agent_ids = [a for a in running if a]
+        if not agent_ids:
+            return
+        async with self.rt.redis.pipeline(transaction=False) as pipe:
+            for agent_id in agent_ids:
+                pipe.exists(self.rt.keys.agent(agent_id))
+            alive = await pipe.execute()
+        for agent_id, is_alive in zip(agent_ids, alive, strict=True):
+            if not is_alive:
+                await self.agent_lost(agent_id)
+
+    async def agent_lost(self, agent_id: str) -> None:
+        now = time.time()
+        stopped: list[tuple[str, int]] = []
+        async with self.rt.sessions.begin() as session:
+            if not await self.lease.still_held(session):
+                return
+            tasks = (
+                await session.scalars(
+                    select(Task).where(Task.state == TaskState.RUNNING, Task.agent_id == agent_id)
+                )
+            ).all()
+            agent = await session.get(Agent, agent_id)
+            for task in tasks:
+                decision = statemachine.on_agent_lost(transitions.snapshot(task), agent_id)
+                if isinstance(decision, statemachine.Transition):
+                    stopped.append((task.id, task.attempt))
+                    error = '{"type": "AgentLost", "message": "the agent running this attempt stopped heartbeating"}'
+                    transitions.apply(session, task, decision, now, error_json=error)
+            if agent is not None:
+                agent.state = "lost"
+        if not stopped:
+            return
+        log.warning(
+            "agent lost: its attempts were handed back",
+            extra={"agent_id": agent_id, "tasks": [t for t, _ in stopped]},
+        )
+        self.rt.counters.requeues["agent_lost"] = self.rt.counters.requeues.get(
+            "agent_lost", 0
+        ) + len(stopped)
+        self.rt.wake_relay()
+        await self.stop_attempts(agent_id, stopped)
+        if agent is not None:
+            await close_agent_connections(
+                self.rt.settings, agent.pool, agent_id, "rexec: agent stopped heartbeating"
+            )
+
+    async def backstop_timeouts(self) -> None:
+        """Attempts past their timeout by more than a TTL: the agent failed to enforce it."""
+        now = time.time()
+        margin = self.rt.settings.heartbeat_ttl + 5.0
+        by_agent: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        async with self.rt.sessions.begin() as session:
+            if not await self.lease.still_held(session):
+                return
+            candidates = await session.scalars(
+                select(Task).where(Task.state == TaskState.RUNNING, Task.timeout.is_not(None))
+            )
+            for task in candidates:
+                if (
+                    task.started_at is None
+                    or task.timeout is None
+                    or task.started_at + task.timeout + margin > now
+                ):
+                    continue
+                decision = statemachine.on_overdue(transitions.snapshot(task))
+                if isinstance(decision, statemachine.Transition):
+                    by_agent[task.agent_id or ""].append((task.id, task.attempt))
+                    error = f'{{"type": "TimedOut", "message": "no result {margin:g}s past the {task.timeout:g}s timeout"}}'
+                    transitions.apply(session, task, decision, now, error_json=error)
+        for agent_id, attempts in by_agent.items():
+            self.rt.counters.requeues["timeout_backstop"] = self.rt.counters.requeues.get(
+                "timeout_backstop", 0
+            ) + len(attempts)
+            await self.stop_attempts(agent_id, attempts)
+        if by_agent:
+            self.rt.wake_relay()
+
+    async def expire_queued(self) -> None:
+        """Queued tasks past their schedule-to-start limit (also in drained pools) expire."""
+        now = time.time()
+        expired: list[str] = []
+        async with self.rt.sessions.begin() as session:
+            if not await self.lease.still_held(session):
+                return
+            candidates = await session.scalars(
+                select(Task).where(
+                    Task.state == TaskState.QUEUED,
+                    Task.expires_at.is_not(None),
+                    Task.expires_at < now,
+                )
+            )
+            for task in candidates:
+                decision = statemachine.on_expiry(transitions.snapshot(task))
+                if isinstance(decision, statemachine.Transition):
+                    transitions.apply(session, task, decision, now)
+                    expired.append(task.id)
+            if expired:
+                await session.execute(delete(Outbox).where(Outbox.task_id.in_(expired)))
+        if expired:
+            # Copies already in a queue must not start: agents check this marker when claiming.
+            async with self.rt.redis.pipeline(transaction=False) as pipe:
+                for task_id in expired:
+                    pipe.set(self.rt.keys.cancelled(task_id), "expired", ex=LEASE_TOMBSTONE_TTL)
+                await pipe.execute()
+            self.rt.notify_applied()
+
+    async def stop_attempts(self, agent_id: str, attempts: list[tuple[str, int]]) -> None:
+        """Fence the old attempts: tombstone their leases and tell the agent to kill them.
+
+        Whichever the agent sees first when it wakes up, the control message or its lease
+        re-assertion finding the lease taken, it stops the attempt; its results are rejected.
+        """
+        try:
+            async with self.rt.redis.pipeline(transaction=False) as pipe:
+                for task_id, attempt in attempts:
+                    pipe.set(
+                        self.rt.keys.lease(task_id, attempt), "watchdog", ex=LEASE_TOMBSTONE_TTL
+                    )
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("could not tombstone leases", extra={"error": str(exc)})
+        if agent_id:
+            for task_id, attempt in attempts:
+                control = messages.Control(action="lease_lost", task_id=task_id, attempt=attempt)
+                await self.rt.publish_control(agent_id, control)
