@@ -83,7 +83,8 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         },
     )
     try:
-        channel = await connection.channel(publisher_confirms=True)
+        # on_return_raises: a mandatory message the broker cannot route fails its publish.
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await topology.declare_core(channel)
         yield Runtime(
             settings=settings,

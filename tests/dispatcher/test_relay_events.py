@@ -1,0 +1,218 @@
+"""The relay and the events consumer against the real broker and both databases."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import anyio
+import pytest
+from sqlalchemy import func, select
+
+from dispatcher.db.models import Outbox, Pool, Task, TaskTransition
+from dispatcher.events import apply_events, run_events
+from dispatcher.relay import relay_once
+from dispatcher.runtime import Runtime, open_runtime
+from schemas import messages, names
+from schemas.api import TaskState
+from schemas.settings import Settings
+from tests.support import await_until
+
+
+@pytest.fixture
+async def rt(settings: Settings) -> AsyncIterator[Runtime]:
+    async with open_runtime(settings) as runtime:
+        yield runtime
+
+
+async def make_pool(rt: Runtime, pool: str, draining: bool = False) -> None:
+    async with rt.sessions.begin() as session:
+        session.add(Pool(name=pool, description="", draining=draining, created_at=time.time()))
+    await rt.declare_pool(pool)
+
+
+async def make_task(
+    rt: Runtime,
+    pool: str,
+    state: TaskState = TaskState.QUEUED,
+    attempt: int = 1,
+    agent: str | None = None,
+    outbox: bool = True,
+) -> str:
+    task_id = uuid.uuid4().hex
+    async with rt.sessions.begin() as session:
+        session.add(
+            Task(
+                id=task_id,
+                pool=pool,
+                kind="function",
+                target="tests.tasks:add",
+                args_json="[1, 2]",
+                kwargs_json="{}",
+                argv_json="[]",
+                state=state.value,
+                attempt=attempt,
+                max_attempts=3,
+                retry_backoff=0.0,
+                agent_id=agent,
+                created_at=time.time(),
+                cancel_requested=False,
+            )
+        )
+        if outbox:
+            await session.flush()
+            session.add(Outbox(task_id=task_id, attempt=attempt, available_at=time.time()))
+    return task_id
+
+
+async def get_one(rt: Runtime, queue_name: str) -> aio_pika.abc.AbstractIncomingMessage:
+    channel = await rt.connection.channel()
+    queue = await channel.get_queue(queue_name)
+
+    async def fetch() -> aio_pika.abc.AbstractIncomingMessage | None:
+        return await queue.get(no_ack=True, fail=False)
+
+    return await await_until(fetch, 10, f"a message on {queue_name}")
+
+
+@pytest.mark.anyio
+async def test_relay_publishes_the_committed_attempt_then_clears_the_outbox(
+    rt: Runtime, pool_name: str
+) -> None:
+    await make_pool(rt, pool_name)
+    task_id = await make_task(rt, pool_name)
+    exchange = await rt.exchange(names.TASKS_EXCHANGE)
+    published, _ = await relay_once(rt, exchange)
+    assert published == 1
+    message = await get_one(rt, names.pool_queue(pool_name))
+    task = messages.decode_task(message.body)
+    assert (task.task_id, task.attempt, task.args, task.target) == (
+        task_id,
+        1,
+        [1, 2],
+        "tests.tasks:add",
+    )
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    async with rt.sessions() as session:
+        assert (
+            await session.scalar(
+                select(func.count()).select_from(Outbox).where(Outbox.task_id == task_id)
+            )
+            == 0
+        )
+
+
+@pytest.mark.anyio
+async def test_a_drained_pool_keeps_its_work_in_the_outbox(rt: Runtime, pool_name: str) -> None:
+    await make_pool(rt, pool_name, draining=True)
+    task_id = await make_task(rt, pool_name)
+    exchange = await rt.exchange(names.TASKS_EXCHANGE)
+    await relay_once(rt, exchange)
+    async with rt.sessions() as session:
+        assert (
+            await session.scalar(
+                select(func.count()).select_from(Outbox).where(Outbox.task_id == task_id)
+            )
+            == 1
+        )
+
+
+@pytest.mark.anyio
+async def test_a_missing_pool_queue_is_declared_again_and_nothing_is_lost(
+    rt: Runtime, pool_name: str
+) -> None:
+    await make_pool(rt, pool_name)
+    channel = await rt.connection.channel()
+    await channel.queue_delete(names.pool_queue(pool_name))
+    task_id = await make_task(rt, pool_name)
+    exchange = await rt.exchange(names.TASKS_EXCHANGE)
+    await relay_once(rt, exchange)  # unroutable: the row stays, the queue is declared again
+    await relay_once(rt, exchange)
+    message = await get_one(rt, names.pool_queue(pool_name))
+    assert messages.decode_task(message.body).task_id == task_id
+
+
+@pytest.mark.anyio
+async def test_events_apply_once_and_stale_attempts_are_rejected_and_counted(
+    rt: Runtime, pool_name: str
+) -> None:
+    await make_pool(rt, pool_name)
+    task_id = await make_task(
+        rt, pool_name, TaskState.RUNNING, attempt=2, agent="new", outbox=False
+    )
+    stale = messages.Succeeded(
+        task_id=task_id, attempt=1, agent_id="old", at=time.time(), result="late"
+    )
+    fresh = messages.Succeeded(
+        task_id=task_id, attempt=2, agent_id="new", at=time.time(), result={"ok": True}
+    )
+    await apply_events(rt, [stale, fresh, fresh])
+    async with rt.sessions() as session:
+        task = await session.get(Task, task_id)
+        assert task is not None
+        assert (task.state, task.result_json) == ("succeeded", '{"ok":true}')
+        history = (
+            await session.scalars(
+                select(TaskTransition.to_state).where(TaskTransition.task_id == task_id)
+            )
+        ).all()
+    assert history == ["succeeded"]
+    assert rt.counters.stale_events == 2
+
+
+@pytest.mark.anyio
+async def test_a_failed_attempt_is_retried_as_a_new_attempt_through_the_outbox(
+    rt: Runtime, pool_name: str
+) -> None:
+    await make_pool(rt, pool_name)
+    task_id = await make_task(rt, pool_name, TaskState.RUNNING, attempt=1, agent="a", outbox=False)
+    failed = messages.Failed(
+        task_id=task_id,
+        attempt=1,
+        agent_id="a",
+        at=time.time(),
+        error_type="ValueError",
+        message="boom",
+    )
+    await apply_events(rt, [failed])
+    async with rt.sessions() as session:
+        task = await session.get(Task, task_id)
+        assert task is not None and (task.state, task.attempt, task.agent_id) == ("queued", 2, None)
+        assert '"ValueError"' in (task.error_json or "")
+        outbox = (await session.scalars(select(Outbox).where(Outbox.task_id == task_id))).all()
+    assert [o.attempt for o in outbox] == [2]
+
+
+@pytest.mark.anyio
+async def test_a_malformed_event_message_is_dead_lettered_with_the_reason_and_consuming_goes_on(
+    rt: Runtime, pool_name: str
+) -> None:
+    await make_pool(rt, pool_name)
+    task_id = await make_task(rt, pool_name, TaskState.RUNNING, agent="a", outbox=False)
+    channel = await rt.connection.channel(publisher_confirms=True)
+    await (await channel.get_queue(names.dead_queue(names.DEAD_EVENTS_ROUTING_KEY))).purge()
+    events = await channel.get_exchange(names.EVENTS_EXCHANGE)
+    await events.publish(
+        aio_pika.Message(b'{"v": 1, "events": [{"type": "bogus"}]}'), routing_key=""
+    )
+    good = messages.EventBatch(
+        events=[
+            messages.Succeeded(task_id=task_id, attempt=1, agent_id="a", at=time.time(), result=3)
+        ]
+    )
+    await events.publish(aio_pika.Message(messages.encode(good)), routing_key="")
+
+    async def succeeded() -> bool:
+        async with rt.sessions() as session:
+            task = await session.get(Task, task_id)
+            return task is not None and task.state == "succeeded"
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_events, rt)
+        await await_until(succeeded, 15, "the good event to be applied")
+        dead = await get_one(rt, names.dead_queue(names.DEAD_EVENTS_ROUTING_KEY))
+        tg.cancel_scope.cancel()
+    reason = str((dead.headers or {}).get(names.REASON_HEADER))
+    assert "malformed event message" in reason and "bogus" in reason
