@@ -1,0 +1,143 @@
+"""Private RabbitMQ and Redis servers for tests that restart or reconfigure them.
+
+Fault tests must not disturb the shared services other tests use, so they get servers of
+their own on other ports, started once per test session and stopped at its end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from tests.support import free_port, wait_until
+
+
+def _run(argv: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+class PrivateRabbit:
+    """A RabbitMQ node of a test session's own (see the guide, section 7)."""
+
+    def __init__(self, name: str, consumer_timeout_ms: int = 60_000) -> None:
+        self.name = name
+        self.node = f"{name}@localhost"
+        self.port = free_port()
+        self.management_port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        (self.dir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            f"management.tcp.port = {self.management_port}\n"
+            "management.tcp.ip = 127.0.0.1\n"
+            f"consumer_timeout = {consumer_timeout_ms}\n"
+            "loopback_users = none\n"
+        )
+        (self.dir / "enabled_plugins").write_text("[rabbitmq_management].\n")
+        for sub in ("mnesia", "log"):
+            (self.dir / sub).mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "rabbitmq", "rabbitmq")
+            for path in self.dir.rglob("*"):
+                shutil.chown(path, "rabbitmq", "rabbitmq")
+        self.env = {
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+            "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.dir / "rabbit.pid"),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+        }
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://guest:guest@127.0.0.1:{self.management_port}"
+
+    def start(self) -> None:
+        result = _run(["rabbitmq-server", "-detached"], self.env)
+        assert result.returncode == 0, f"rabbitmq-server did not start: {result.stderr}"
+        waited = _run(["rabbitmqctl", "-n", self.node, "wait", self.env["RABBITMQ_PID_FILE"], "--timeout", "60"], self.env, 90)
+        assert waited.returncode == 0, f"{self.node} did not come up: {waited.stdout}{waited.stderr}"
+
+    def stop(self) -> None:
+        _run(["rabbitmqctl", "-n", self.node, "stop", self.env["RABBITMQ_PID_FILE"]], self.env, 60)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateRedis:
+    """A Redis of a test's own that keeps nothing on disk, so a restart loses every key."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="rexec-redis-"))
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        subprocess.run(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "yes", "--dir", str(self.dir), "--pidfile", str(self.dir / "redis.pid")],
+            check=True, capture_output=True,
+        )
+        client = redis.Redis.from_url(self.url)
+        wait_until(lambda: _pings(client), 10, "the private redis")
+        client.close()
+
+    def stop(self) -> None:
+        client = redis.Redis.from_url(self.url)
+        try:
+            client.shutdown(nosave=True)
+        except (redis.ConnectionError, redis.ResponseError):
+            pass
+        client.close()
+        wait_until(lambda: not _pings(redis.Redis.from_url(self.url)), 10, "the private redis to stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+if __name__ == "__main__":  # a quick manual check: python -m tests.faults.servers
+    began = time.monotonic()
+    rabbit = PrivateRabbit("rexec-selfcheck")
+    rabbit.start()
+    print(f"rabbit up in {time.monotonic() - began:.1f}s on {rabbit.port}")
+    began = time.monotonic()
+    rabbit.restart()
+    print(f"rabbit restarted in {time.monotonic() - began:.1f}s")
+    rabbit.cleanup()
+    r = PrivateRedis()
+    r.start()
+    r.restart()
+    r.cleanup()
+    print("redis ok")
