@@ -96,7 +96,7 @@ async def dead_letter(
         ),
         routing_key=names.DEAD_EVENTS_ROUTING_KEY,
     )
-    rt.counters.dead_lettered += 1
+    rt.metrics.dead_lettered.labels("events").inc()
 
 
 async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
@@ -169,7 +169,7 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
 
 
 def _reject(rt: Runtime, event: messages.TaskEvent, reason: str) -> None:
-    rt.counters.stale_events += 1
+    rt.metrics.stale_events.labels(reason).inc()
     log.info(
         "rejected event",
         extra={

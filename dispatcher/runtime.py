@@ -19,15 +19,7 @@ from schemas.settings import Settings
 
 from . import topology
 from .db.engine import make_engine, make_sessionmaker
-
-
-@dataclass
-class Counters:
-    """Process-wide counters, exported as metrics."""
-
-    stale_events: int = 0
-    dead_lettered: int = 0
-    requeues: dict[str, int] = field(default_factory=dict)
+from .metrics import Metrics
 
 
 @dataclass
@@ -39,7 +31,7 @@ class Runtime:
     keys: RedisKeys
     connection: AbstractRobustConnection
     channel: AbstractChannel
-    counters: Counters = field(default_factory=Counters)
+    metrics: Metrics = field(default_factory=Metrics)
     relay_wakeup: anyio.Event = field(default_factory=anyio.Event)
     events_applied: anyio.Event = field(default_factory=anyio.Event)
     """Set (and replaced) each time the events consumer commits: long-polls wait on it."""

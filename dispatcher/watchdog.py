@@ -124,6 +124,8 @@ class Watchdog:
                 decision = statemachine.on_agent_lost(transitions.snapshot(task), agent_id)
                 if isinstance(decision, statemachine.Transition):
                     stopped.append((task.id, task.attempt))
+                    if decision.retry_in is not None:
+                        self.rt.metrics.requeues.labels("agent_lost").inc()
                     error = '{"type": "AgentLost", "message": "the agent running this attempt stopped heartbeating"}'
                     transitions.apply(session, task, decision, now, error_json=error)
             if agent is not None:
@@ -134,9 +136,6 @@ class Watchdog:
             "agent lost: its attempts were handed back",
             extra={"agent_id": agent_id, "tasks": [t for t, _ in stopped]},
         )
-        self.rt.counters.requeues["agent_lost"] = self.rt.counters.requeues.get(
-            "agent_lost", 0
-        ) + len(stopped)
         self.rt.wake_relay()
         await self.stop_attempts(agent_id, stopped)
         if agent is not None:
@@ -165,12 +164,11 @@ class Watchdog:
                 decision = statemachine.on_overdue(transitions.snapshot(task))
                 if isinstance(decision, statemachine.Transition):
                     by_agent[task.agent_id or ""].append((task.id, task.attempt))
+                    if decision.retry_in is not None:
+                        self.rt.metrics.requeues.labels("timeout_backstop").inc()
                     error = f'{{"type": "TimedOut", "message": "no result {margin:g}s past the {task.timeout:g}s timeout"}}'
                     transitions.apply(session, task, decision, now, error_json=error)
         for agent_id, attempts in by_agent.items():
-            self.rt.counters.requeues["timeout_backstop"] = self.rt.counters.requeues.get(
-                "timeout_backstop", 0
-            ) + len(attempts)
             await self.stop_attempts(agent_id, attempts)
         if by_agent:
             self.rt.wake_relay()
