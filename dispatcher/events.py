@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from sqlalchemy import select, update
 
 from schemas import messages, names
+from schemas.api import TaskState
 
 from . import statemachine, transitions
 from .db.models import Agent, Task
@@ -160,12 +161,20 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
             transitions.apply(
                 session, task, decision, now, result_json=result_json, error_json=error_json
             )
+            _observe(rt, task, decision, event.at)
             retried = retried or decision.retry_in is not None
     rt.notify_applied()
     if retried:
         rt.wake_relay()
     for agent_id, control in stop:
         await rt.publish_control(agent_id, control)
+
+
+def _observe(rt: Runtime, task: Task, decision: statemachine.Transition, at: float) -> None:
+    if decision.to is TaskState.RUNNING:
+        rt.metrics.submit_to_start.labels(task.pool).observe(max(0.0, at - task.created_at))
+    elif decision.to.terminal and task.started_at is not None:
+        rt.metrics.run_time.labels(task.pool, decision.to.value).observe(max(0.0, at - task.started_at))
 
 
 def _reject(rt: Runtime, event: messages.TaskEvent, reason: str) -> None:
