@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 MAX_DELAY = 300.0
+_RNG = random.Random()
 
 
 def retry_delay(base: float, failed_attempt: int, rng: random.Random | None = None) -> float:
@@ -15,5 +16,5 @@ def retry_delay(base: float, failed_attempt: int, rng: random.Random | None = No
     """
     if base <= 0:
         return 0.0
-    delay = min(MAX_DELAY, base * 2 ** (failed_attempt - 1))
-    return delay / 2 + (rng or random).uniform(0, delay / 2)
+    delay = min(MAX_DELAY, base * 2.0 ** (failed_attempt - 1))
+    return delay / 2 + (rng or _RNG).uniform(0, delay / 2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Literal
 import time
 from collections.abc import Sequence
 
@@ -109,7 +110,7 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
     async with rt.sessions.begin() as session:
         tasks: dict[str, Task] = {}
         if task_ids:
-            result = await session.scalars(select(Task).where(Task.id.in_(task_ids)))
+            result = await session.scalars(select(Task).where(Task.id.in_(task_ids)).with_for_update())
             tasks = {t.id: t for t in result}
         for event in events:
             if isinstance(event, messages.AgentOnline | messages.AgentOffline):
@@ -128,7 +129,7 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
             if isinstance(decision, statemachine.Reject):
                 _reject(rt, event, decision.reason)
                 if decision.stop_attempt:
-                    action = (
+                    action: Literal["cancel", "lease_lost"] = (
                         "cancel"
                         if task.cancel_requested or task.state == "cancelled"
                         else "lease_lost"
@@ -174,7 +175,9 @@ def _observe(rt: Runtime, task: Task, decision: statemachine.Transition, at: flo
     if decision.to is TaskState.RUNNING:
         rt.metrics.submit_to_start.labels(task.pool).observe(max(0.0, at - task.created_at))
     elif decision.to.terminal and task.started_at is not None:
-        rt.metrics.run_time.labels(task.pool, decision.to.value).observe(max(0.0, at - task.started_at))
+        rt.metrics.run_time.labels(task.pool, decision.to.value).observe(
+            max(0.0, at - task.started_at)
+        )
 
 
 def _reject(rt: Runtime, event: messages.TaskEvent, reason: str) -> None:

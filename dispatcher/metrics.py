@@ -111,7 +111,7 @@ async def render(rt: Runtime) -> bytes:
     return generate_latest(m.registry)
 
 
-def _pool_of(value: bytes) -> str:
+def _pool_of(value: bytes | str) -> str:
     try:
         beat = msgspec.json.decode(value)
     except msgspec.DecodeError:

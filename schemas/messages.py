@@ -50,30 +50,30 @@ class _Event(
     at: float
 
 
-class Started(_Event, tag="started"):
+class Started(_Event, frozen=True, tag="started"):
     pass
 
 
-class Succeeded(_Event, tag="succeeded"):
+class Succeeded(_Event, frozen=True, tag="succeeded"):
     result: Any = None
 
 
-class Failed(_Event, tag="failed"):
+class Failed(_Event, frozen=True, tag="failed"):
     error_type: str
     message: str
     traceback: str = ""
     retryable: bool = True
 
 
-class TimedOut(_Event, tag="timed_out"):
+class TimedOut(_Event, frozen=True, tag="timed_out"):
     timeout: float
 
 
-class Cancelled(_Event, tag="cancelled"):
+class Cancelled(_Event, frozen=True, tag="cancelled"):
     pass
 
 
-class Expired(_Event, tag="expired"):
+class Expired(_Event, frozen=True, tag="expired"):
     pass
 
 

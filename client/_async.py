@@ -1,0 +1,183 @@
+"""The asynchronous client (``httpx.AsyncClient``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+
+from schemas.api import (
+    AgentView,
+    PoolView,
+    SubmitTask,
+    TaskHistoryEntry,
+    TaskView,
+    TokenCreated,
+    TokenView,
+)
+
+from . import _calls
+from ._calls import Call
+from ._config import ClientConfig
+
+T = TypeVar("T")
+
+
+class AsyncRexecClient:
+    """The Remote Execution API from Python, with the same verbs as the ``rexec`` CLI.
+
+    ``base_url`` defaults to ``REXEC_API_URL``; ``api_key`` to ``REXEC_API_KEY``. Errors raise
+    :class:`~client.RexecError` with the server's message.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = _calls.DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = ClientConfig.make(base_url, api_key, timeout)
+        self._http = httpx.AsyncClient(transport=transport, **self.config.httpx_options())
+
+    @property
+    def base_url(self) -> str:
+        return self.config.base_url
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncRexecClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _run(self, call: Call[T]) -> T:
+        try:
+            response = await self._http.send(call.request(self._http))
+        except httpx.TransportError as exc:
+            raise _calls.unreachable(self.base_url, exc) from exc
+        return call.result(response)
+
+    # tasks
+
+    async def submit(
+        self,
+        pool: str,
+        target: str | None = None,
+        *,
+        command: Sequence[str] | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109  (the task's run time limit, not ours)
+        max_attempts: int | None = None,
+        retry_backoff: float | None = None,
+        expires_in: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskView:
+        """Submit ``target`` (``module:function``) or ``command`` (argv) to ``pool``."""
+        body = _calls.submit_body(
+            pool,
+            target,
+            command,
+            args,
+            kwargs,
+            timeout,
+            max_attempts,
+            retry_backoff,
+            expires_in,
+            idempotency_key,
+        )
+        return await self._run(_calls.submit(body))
+
+    async def submit_many(self, tasks: Sequence[SubmitTask]) -> list[str]:
+        """Submit many tasks (one transaction per chunk of 5,000); return their ids in order."""
+        ids: list[str] = []
+        for start in range(0, len(tasks), _calls.BATCH_CHUNK):
+            chunk = tasks[start : start + _calls.BATCH_CHUNK]
+            ids.extend((await self._run(_calls.submit_batch(chunk))).ids)
+        return ids
+
+    async def get(self, task_id: str, *, wait: float | None = None) -> TaskView:
+        """The task; with ``wait`` (at most 60 s), once terminal or when the wait ran out."""
+        return await self._run(_calls.get(task_id, wait))
+
+    async def wait(
+        self,
+        task_ids: str | Sequence[str],
+        timeout: float | None = None,  # noqa: ASYNC109  (returns the tasks as they are at the deadline)
+    ) -> list[TaskView]:
+        """Long-poll until every task is terminal, or ``timeout`` seconds passed (then the
+        tasks come back as they are: check their ``state``)."""
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        views: list[TaskView | None] = [None] * len(ids)
+
+        async def one(index: int) -> None:
+            views[index] = await self._wait_one(ids[index], deadline)
+
+        async with anyio.create_task_group() as tg:
+            for index in range(len(ids)):
+                tg.start_soon(one, index)
+        return [view for view in views if view is not None]
+
+    async def _wait_one(self, task_id: str, deadline: float | None) -> TaskView:
+        while True:
+            view = await self.get(task_id, wait=_calls.poll_wait(deadline))
+            if view.state.terminal or _calls.expired(deadline):
+                return view
+
+    async def list_tasks(
+        self, *, pool: str | None = None, state: str | None = None, limit: int = 100
+    ) -> list[TaskView]:
+        return await self._run(_calls.list_tasks(pool, state, limit))
+
+    async def cancel(self, task_id: str) -> TaskView:
+        return await self._run(_calls.cancel(task_id))
+
+    async def history(self, task_id: str) -> list[TaskHistoryEntry]:
+        return await self._run(_calls.history(task_id))
+
+    # pools
+
+    async def create_pool(self, name: str, description: str = "") -> PoolView:
+        return await self._run(_calls.create_pool(name, description))
+
+    async def list_pools(self) -> list[PoolView]:
+        return await self._run(_calls.list_pools())
+
+    async def drain_pool(self, name: str) -> PoolView:
+        return await self._run(_calls.drain_pool(name))
+
+    async def resume_pool(self, name: str) -> PoolView:
+        return await self._run(_calls.resume_pool(name))
+
+    # tokens and agents
+
+    async def create_token(
+        self, pool: str, name: str = "", *, expires_in: float | None = None
+    ) -> TokenCreated:
+        return await self._run(_calls.create_token(pool, name, expires_in))
+
+    async def list_tokens(self, *, pool: str | None = None) -> list[TokenView]:
+        return await self._run(_calls.list_tokens(pool))
+
+    async def revoke_token(self, token_id: str) -> TokenView:
+        return await self._run(_calls.revoke_token(token_id))
+
+    async def list_agents(self, *, pool: str | None = None) -> list[AgentView]:
+        return await self._run(_calls.list_agents(pool))
+
+    async def health(self) -> dict[str, str]:
+        return await self._run(_calls.health())

@@ -1,0 +1,232 @@
+"""The client without I/O: each verb is a :class:`Call` (request plus decoder), shared by the
+sync and async clients so both speak exactly the same API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from schemas.api import (
+    API_PREFIX,
+    AgentView,
+    ErrorBody,
+    PoolCreate,
+    PoolView,
+    SubmitBatch,
+    SubmitBatchResult,
+    SubmitTask,
+    TaskHistoryEntry,
+    TaskView,
+    TokenCreate,
+    TokenCreated,
+    TokenView,
+)
+
+T = TypeVar("T")
+
+MAX_WAIT = 60.0
+"""The server's longest long-poll; longer waits are several polls."""
+BATCH_CHUNK = 5000
+"""Tasks per ``/tasks/batch`` request in ``submit_many``."""
+DEFAULT_TIMEOUT = 30.0
+
+_encoder = msgspec.json.Encoder()
+_error_decoder = msgspec.json.Decoder(ErrorBody)
+
+
+class RexecError(Exception):
+    """The API refused a request (``status`` is its HTTP status) or could not be reached
+    (``status`` is None). ``message`` is the server's explanation."""
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(message if status is None else f"{message} (HTTP {status})")
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    method: str
+    path: str
+    decode: Callable[[bytes], T]
+    params: Mapping[str, str | int | float] = field(default_factory=dict)
+    body: bytes | None = None
+    timeout: float | None = None
+    """Seconds to wait for the answer, when longer than usual (long-polls)."""
+
+    def request(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
+        headers = {"content-type": "application/json"} if self.body is not None else {}
+        extensions = {}
+        if self.timeout is not None:
+            extensions["timeout"] = httpx.Timeout(self.timeout).as_dict()
+        return client.build_request(
+            self.method,
+            self.path,
+            params=dict(self.params),
+            content=self.body,
+            headers=headers,
+            extensions=extensions,
+        )
+
+    def result(self, response: httpx.Response) -> T:
+        if response.is_success:
+            return self.decode(response.content)
+        raise error_from(response)
+
+
+def error_from(response: httpx.Response) -> RexecError:
+    try:
+        message = _error_decoder.decode(response.content).error
+    except msgspec.DecodeError:
+        message = response.text.strip() or response.reason_phrase
+    return RexecError(response.status_code, message)
+
+
+def unreachable(base_url: str, exc: httpx.TransportError) -> RexecError:
+    if isinstance(exc, httpx.TimeoutException):
+        return RexecError(
+            None, f"the rexec API at {base_url} did not answer in time ({type(exc).__name__})"
+        )
+    return RexecError(
+        None,
+        f"the rexec API at {base_url} is unreachable ({exc or type(exc).__name__}): "
+        "start it with `rexec serve`, or point REXEC_API_URL (--api-url) at it",
+    )
+
+
+def _decoder(kind: Any) -> Callable[[bytes], Any]:
+    return msgspec.json.Decoder(kind).decode
+
+
+_task = _decoder(TaskView)
+_tasks = _decoder(list[TaskView])
+_history = _decoder(list[TaskHistoryEntry])
+_pool = _decoder(PoolView)
+_pools = _decoder(list[PoolView])
+_token = _decoder(TokenView)
+_tokens = _decoder(list[TokenView])
+_token_created = _decoder(TokenCreated)
+_agents = _decoder(list[AgentView])
+_batch = _decoder(SubmitBatchResult)
+_health = _decoder(dict[str, str])
+
+
+def _v1(*segments: str) -> str:
+    """An API path; segments from the user (ids, names) are escaped."""
+    return API_PREFIX + "".join("/" + quote(s, safe="") for s in segments)
+
+
+def _params(**values: str | int | float | None) -> dict[str, str | int | float]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def submit(body: SubmitTask) -> Call[TaskView]:
+    return Call("POST", _v1("tasks"), _task, body=_encoder.encode(body))
+
+
+def submit_batch(tasks: Sequence[SubmitTask]) -> Call[SubmitBatchResult]:
+    return Call(
+        "POST", _v1("tasks", "batch"), _batch, body=_encoder.encode(SubmitBatch(tasks=list(tasks)))
+    )
+
+
+def get(task_id: str, wait: float | None = None) -> Call[TaskView]:
+    if wait is None or wait <= 0:
+        return Call("GET", _v1("tasks", task_id), _task)
+    wait = min(wait, MAX_WAIT)
+    return Call(
+        "GET", _v1("tasks", task_id), _task, params={"wait": wait}, timeout=wait + DEFAULT_TIMEOUT
+    )
+
+
+def list_tasks(pool: str | None, state: str | None, limit: int) -> Call[list[TaskView]]:
+    return Call("GET", _v1("tasks"), _tasks, params=_params(pool=pool, state=state, limit=limit))
+
+
+def cancel(task_id: str) -> Call[TaskView]:
+    return Call("POST", _v1("tasks", task_id, "cancel"), _task)
+
+
+def history(task_id: str) -> Call[list[TaskHistoryEntry]]:
+    return Call("GET", _v1("tasks", task_id, "history"), _history)
+
+
+def create_pool(name: str, description: str) -> Call[PoolView]:
+    body = PoolCreate(name=name, description=description)
+    return Call("POST", _v1("pools"), _pool, body=_encoder.encode(body))
+
+
+def list_pools() -> Call[list[PoolView]]:
+    return Call("GET", _v1("pools"), _pools)
+
+
+def drain_pool(name: str) -> Call[PoolView]:
+    return Call("POST", _v1("pools", name, "drain"), _pool)
+
+
+def resume_pool(name: str) -> Call[PoolView]:
+    return Call("POST", _v1("pools", name, "resume"), _pool)
+
+
+def create_token(pool: str, name: str, expires_in: float | None) -> Call[TokenCreated]:
+    body = TokenCreate(pool=pool, name=name, expires_in=expires_in)
+    return Call("POST", _v1("tokens"), _token_created, body=_encoder.encode(body))
+
+
+def list_tokens(pool: str | None) -> Call[list[TokenView]]:
+    return Call("GET", _v1("tokens"), _tokens, params=_params(pool=pool))
+
+
+def revoke_token(token_id: str) -> Call[TokenView]:
+    return Call("DELETE", _v1("tokens", token_id), _token)
+
+
+def list_agents(pool: str | None) -> Call[list[AgentView]]:
+    return Call("GET", _v1("agents"), _agents, params=_params(pool=pool))
+
+
+def health() -> Call[dict[str, str]]:
+    return Call("GET", "/healthz", _health)
+
+
+def submit_body(
+    pool: str,
+    target: str | None,
+    command: Sequence[str] | None,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+    timeout: float | None,
+    max_attempts: int | None,
+    retry_backoff: float | None,
+    expires_in: float | None,
+    idempotency_key: str | None,
+) -> SubmitTask:
+    return SubmitTask(
+        pool=pool,
+        target=target,
+        command=None if command is None else list(command),
+        args=list(args),
+        kwargs=dict(kwargs or {}),
+        timeout=timeout,
+        max_attempts=max_attempts,
+        retry_backoff=retry_backoff,
+        expires_in=expires_in,
+        idempotency_key=idempotency_key,
+    )
+
+
+def poll_wait(deadline: float | None) -> float:
+    """Seconds to ask the server to hold the next long-poll."""
+    if deadline is None:
+        return MAX_WAIT
+    return max(0.0, min(MAX_WAIT, deadline - time.monotonic()))
+
+
+def expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline

@@ -1,0 +1,170 @@
+"""The synchronous client (``httpx.Client``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+
+from schemas.api import (
+    AgentView,
+    PoolView,
+    SubmitTask,
+    TaskHistoryEntry,
+    TaskView,
+    TokenCreated,
+    TokenView,
+)
+
+from . import _calls
+from ._calls import Call
+from ._config import ClientConfig
+
+T = TypeVar("T")
+
+
+class RexecClient:
+    """The Remote Execution API from Python, with the same verbs as the ``rexec`` CLI.
+
+    ``base_url`` defaults to ``REXEC_API_URL``; ``api_key`` to ``REXEC_API_KEY``. Errors raise
+    :class:`~client.RexecError` with the server's message.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = _calls.DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.config = ClientConfig.make(base_url, api_key, timeout)
+        self._http = httpx.Client(transport=transport, **self.config.httpx_options())
+
+    @property
+    def base_url(self) -> str:
+        return self.config.base_url
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RexecClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _run(self, call: Call[T]) -> T:
+        try:
+            response = self._http.send(call.request(self._http))
+        except httpx.TransportError as exc:
+            raise _calls.unreachable(self.base_url, exc) from exc
+        return call.result(response)
+
+    # tasks
+
+    def submit(
+        self,
+        pool: str,
+        target: str | None = None,
+        *,
+        command: Sequence[str] | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        retry_backoff: float | None = None,
+        expires_in: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskView:
+        """Submit ``target`` (``module:function``) or ``command`` (argv) to ``pool``."""
+        body = _calls.submit_body(
+            pool,
+            target,
+            command,
+            args,
+            kwargs,
+            timeout,
+            max_attempts,
+            retry_backoff,
+            expires_in,
+            idempotency_key,
+        )
+        return self._run(_calls.submit(body))
+
+    def submit_many(self, tasks: Sequence[SubmitTask]) -> list[str]:
+        """Submit many tasks (one transaction per chunk of 5,000); return their ids in order."""
+        ids: list[str] = []
+        for start in range(0, len(tasks), _calls.BATCH_CHUNK):
+            chunk = tasks[start : start + _calls.BATCH_CHUNK]
+            ids.extend(self._run(_calls.submit_batch(chunk)).ids)
+        return ids
+
+    def get(self, task_id: str, *, wait: float | None = None) -> TaskView:
+        """The task; with ``wait`` (at most 60 s), once terminal or when the wait ran out."""
+        return self._run(_calls.get(task_id, wait))
+
+    def wait(self, task_ids: str | Sequence[str], timeout: float | None = None) -> list[TaskView]:
+        """Long-poll until every task is terminal, or ``timeout`` seconds passed (then the
+        tasks come back as they are: check their ``state``)."""
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return [self._wait_one(task_id, deadline) for task_id in ids]
+
+    def _wait_one(self, task_id: str, deadline: float | None) -> TaskView:
+        while True:
+            view = self.get(task_id, wait=_calls.poll_wait(deadline))
+            if view.state.terminal or _calls.expired(deadline):
+                return view
+
+    def list_tasks(
+        self, *, pool: str | None = None, state: str | None = None, limit: int = 100
+    ) -> list[TaskView]:
+        return self._run(_calls.list_tasks(pool, state, limit))
+
+    def cancel(self, task_id: str) -> TaskView:
+        return self._run(_calls.cancel(task_id))
+
+    def history(self, task_id: str) -> list[TaskHistoryEntry]:
+        return self._run(_calls.history(task_id))
+
+    # pools
+
+    def create_pool(self, name: str, description: str = "") -> PoolView:
+        return self._run(_calls.create_pool(name, description))
+
+    def list_pools(self) -> list[PoolView]:
+        return self._run(_calls.list_pools())
+
+    def drain_pool(self, name: str) -> PoolView:
+        return self._run(_calls.drain_pool(name))
+
+    def resume_pool(self, name: str) -> PoolView:
+        return self._run(_calls.resume_pool(name))
+
+    # tokens and agents
+
+    def create_token(
+        self, pool: str, name: str = "", *, expires_in: float | None = None
+    ) -> TokenCreated:
+        return self._run(_calls.create_token(pool, name, expires_in))
+
+    def list_tokens(self, *, pool: str | None = None) -> list[TokenView]:
+        return self._run(_calls.list_tokens(pool))
+
+    def revoke_token(self, token_id: str) -> TokenView:
+        return self._run(_calls.revoke_token(token_id))
+
+    def list_agents(self, *, pool: str | None = None) -> list[AgentView]:
+        return self._run(_calls.list_agents(pool))
+
+    def health(self) -> dict[str, str]:
+        return self._run(_calls.health())

@@ -1,0 +1,734 @@
+"""The service layer behind the Remote Execution API: validation, database work, broker calls.
+
+Every function takes the :class:`~dispatcher.runtime.Runtime` and returns API bodies from
+``schemas.api``. Errors are :class:`ServiceError` subclasses whose message says what was wrong
+and what to do; the HTTP layer maps each class to a status code. State changes of existing
+tasks go through the state machine (``statemachine`` decides, ``transitions`` writes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+from redis.exceptions import RedisError
+from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from schemas import messages
+from schemas.api import (
+    AgentRegister,
+    AgentRegistered,
+    AgentView,
+    PoolCreate,
+    PoolView,
+    SubmitTask,
+    TaskHistoryEntry,
+    TaskState,
+    TaskView,
+    TokenCreate,
+    TokenCreated,
+    TokenView,
+)
+from schemas.names import validate_pool_name
+from schemas.settings import Settings
+
+from . import statemachine, transitions
+from .db.models import Agent, Outbox, Pool, Task, TaskTransition, Token
+from .runtime import Runtime
+
+log = logging.getLogger("rexec.service")
+
+TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+MAX_WAIT = 60.0
+"""Longest long-poll the API grants (seconds)."""
+WAIT_RECHECK = 1.0
+"""A long-poll re-reads the task this often even without a wake-up (other replicas, expiry)."""
+MAX_LIST_LIMIT = 10_000
+CANCEL_MARKER_TTL = 86_400
+TOKEN_PREFIX = "rexec_at_"
+IDEMPOTENCY_KEY_MAX = 200
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder()
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class ServiceError(Exception):
+    """A request the service refuses; ``str(error)`` is the message shown to the user."""
+
+    def __init__(self, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class NotFound(ServiceError):
+    """Something named in the request does not exist (404)."""
+
+
+class Conflict(ServiceError):
+    """The request contradicts the current state (409)."""
+
+
+class Invalid(ServiceError):
+    """A request whose values are unacceptable (422)."""
+
+
+class PayloadTooLarge(ServiceError):
+    """Arguments larger than ``max_payload_bytes`` (413)."""
+
+
+class Unauthorized(ServiceError):
+    """A missing, unknown, revoked or expired credential (401)."""
+
+
+# --- conversions ------------------------------------------------------------------------------
+
+
+def _json_text(value: Any) -> str:
+    return _encoder.encode(value).decode()
+
+
+def _decode_json(raw: str | None) -> Any:
+    return None if raw is None else _decoder.decode(raw)
+
+
+def task_view(task: Task) -> TaskView:
+    error = _decode_json(task.error_json)
+    return TaskView(
+        id=task.id,
+        pool=task.pool,
+        kind=task.kind,
+        target=task.target,
+        argv=_decoder.decode(task.argv_json),
+        args=_decoder.decode(task.args_json),
+        kwargs=_decoder.decode(task.kwargs_json),
+        state=TaskState(task.state),
+        attempt=task.attempt,
+        max_attempts=task.max_attempts,
+        agent_id=task.agent_id,
+        result=_decode_json(task.result_json),
+        error=error if isinstance(error, dict) else None,
+        timeout=task.timeout,
+        idempotency_key=task.idempotency_key,
+        created_at=task.created_at,
+        started_at=task.started_at,
+        finished_at=task.finished_at,
+        cancel_requested=task.cancel_requested,
+    )
+
+
+def _pool_view(pool: Pool, counts: dict[str, int] | None = None) -> PoolView:
+    return PoolView(
+        name=pool.name,
+        description=pool.description,
+        draining=pool.draining,
+        created_at=pool.created_at,
+        tasks=counts or {},
+    )
+
+
+def _token_state(token: Token, now: float) -> str:
+    if token.revoked_at is not None:
+        return "revoked"
+    if token.expires_at is not None and token.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def _token_view(token: Token, now: float) -> TokenView:
+    return TokenView(
+        id=token.id,
+        pool=token.pool,
+        name=token.name,
+        prefix=token.prefix,
+        created_at=token.created_at,
+        last_used_at=token.last_used_at,
+        expires_at=token.expires_at,
+        state=_token_state(token, now),
+    )
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+
+def _task_row(body: SubmitTask, settings: Settings, now: float) -> dict[str, Any]:
+    """Validate one submission and return the column values of its ``Task`` row."""
+    if (body.target is None) == (body.command is None):
+        raise Invalid("give exactly one of 'target' (module:function) or 'command' (argv list)")
+    if body.target is not None:
+        if not TARGET.match(body.target):
+            raise Invalid(
+                f"invalid target {body.target!r}: use 'module:function', "
+                "for example 'myapp.jobs:resize_image'"
+            )
+        kind, target, argv = "function", body.target, "[]"
+    else:
+        command = body.command or []
+        if not command or not command[0]:
+            raise Invalid("'command' must be a non-empty list of strings (the argv to run)")
+        if body.args or body.kwargs:
+            raise Invalid(
+                "'args' and 'kwargs' apply to function targets only; put a command's "
+                "arguments in 'command'"
+            )
+        kind, target, argv = "command", command[0], _json_text(command)
+    args = _json_text(body.args)
+    kwargs = _json_text(body.kwargs)
+    size = len(args) + len(kwargs) + (len(argv) if kind == "command" else 0)
+    limit = settings.max_payload_bytes
+    if size > limit:
+        raise PayloadTooLarge(
+            f"task arguments are {size} bytes encoded, over the limit of {limit} bytes "
+            "(REXEC_MAX_PAYLOAD_BYTES): pass a reference (a URL or object key) instead of the data"
+        )
+    max_attempts = settings.default_max_attempts if body.max_attempts is None else body.max_attempts
+    if max_attempts < 1:
+        raise Invalid(f"max_attempts must be at least 1, got {max_attempts}")
+    if body.timeout is not None and not body.timeout > 0:
+        raise Invalid(f"timeout must be a positive number of seconds, got {body.timeout}")
+    backoff = settings.default_retry_backoff if body.retry_backoff is None else body.retry_backoff
+    if not backoff >= 0:
+        raise Invalid(f"retry_backoff must be zero or more seconds, got {backoff}")
+    if body.expires_in is not None and not body.expires_in > 0:
+        raise Invalid(f"expires_in must be a positive number of seconds, got {body.expires_in}")
+    key = body.idempotency_key
+    if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise Invalid(f"idempotency_key must be 1 to {IDEMPOTENCY_KEY_MAX} characters long")
+    return {
+        "id": uuid.uuid4().hex,
+        "pool": body.pool,
+        "kind": kind,
+        "target": target,
+        "argv_json": argv,
+        "args_json": args,
+        "kwargs_json": kwargs,
+        "state": TaskState.QUEUED.value,
+        "attempt": 1,
+        "max_attempts": max_attempts,
+        "retry_backoff": backoff,
+        "timeout": body.timeout,
+        "expires_at": None if body.expires_in is None else now + body.expires_in,
+        "idempotency_key": key,
+        "agent_id": None,
+        "result_json": None,
+        "error_json": None,
+        "cancel_requested": False,
+        "created_at": now,
+        "started_at": None,
+        "finished_at": None,
+    }
+
+
+def _unknown_pool(pool: str) -> NotFound:
+    return NotFound(f"unknown pool {pool!r}: create it with `rexec pool create {pool}`")
+
+
+async def _check_pools(session: AsyncSession, pools: Iterable[str]) -> None:
+    wanted = set(pools)
+    found = set(await session.scalars(select(Pool.name).where(Pool.name.in_(wanted))))
+    for pool in sorted(wanted - found):
+        raise _unknown_pool(pool)
+
+
+async def _existing_by_key(session: AsyncSession, pool: str, key: str) -> Task | None:
+    return await session.scalar(select(Task).where(Task.pool == pool, Task.idempotency_key == key))
+
+
+async def submit(rt: Runtime, body: SubmitTask) -> tuple[TaskView, bool]:
+    """Accept one task; return its view and whether it is new (False: idempotency key hit)."""
+    now = time.time()
+    row = _task_row(body, rt.settings, now)
+    key = row["idempotency_key"]
+    try:
+        async with rt.sessions.begin() as session:
+            await _check_pools(session, [body.pool])
+            if key is not None and (found := await _existing_by_key(session, body.pool, key)):
+                return task_view(found), False
+            task = Task(**row)
+            session.add(task)
+            await session.flush()
+            session.add(Outbox(task_id=task.id, attempt=1, available_at=now))
+    except IntegrityError:
+        # Another request with the same idempotency key committed between our look and insert.
+        if key is None:
+            raise
+        async with rt.sessions() as session:
+            found = await _existing_by_key(session, body.pool, key)
+        if found is None:
+            raise
+        return task_view(found), False
+    rt.wake_relay()
+    return task_view(task), True
+
+
+async def submit_batch(rt: Runtime, bodies: Sequence[SubmitTask]) -> list[str]:
+    """Accept many tasks in one transaction (bulk insert); return their ids in order.
+
+    A task whose idempotency key matches an existing task (or an earlier one in the batch)
+    gets that task's id and is not inserted again. Nothing is stored if any task is invalid.
+    """
+    now = time.time()
+    rows: list[dict[str, Any]] = []
+    for index, body in enumerate(bodies):
+        try:
+            rows.append(_task_row(body, rt.settings, now))
+        except ServiceError as exc:
+            raise type(exc)(f"task {index}: {exc.message}", exc.detail) from None
+    if not rows:
+        return []
+    for attempt in range(2):
+        try:
+            ids = await _insert_batch(rt, rows, now)
+        except IntegrityError:
+            if attempt:
+                raise
+            continue  # an idempotency key raced with another request: look the keys up again
+        rt.wake_relay()
+        return ids
+    raise AssertionError("unreachable")
+
+
+async def _insert_batch(rt: Runtime, rows: list[dict[str, Any]], now: float) -> list[str]:
+    async with rt.sessions.begin() as session:
+        await _check_pools(session, {row["pool"] for row in rows})
+        keyed: dict[tuple[str, str], str] = {}
+        wanted: dict[str, set[str]] = {}
+        for row in rows:
+            if row["idempotency_key"] is not None:
+                wanted.setdefault(row["pool"], set()).add(row["idempotency_key"])
+        for pool, keys in wanted.items():
+            found = await session.execute(
+                select(Task.idempotency_key, Task.id).where(
+                    Task.pool == pool, Task.idempotency_key.in_(keys)
+                )
+            )
+            for key, task_id in found:
+                if key is not None:
+                    keyed[(pool, key)] = task_id
+        ids: list[str] = []
+        new: list[dict[str, Any]] = []
+        for row in rows:
+            key = row["idempotency_key"]
+            if key is not None:
+                existing = keyed.get((row["pool"], key))
+                if existing is not None:
+                    ids.append(existing)
+                    continue
+                keyed[(row["pool"], key)] = row["id"]
+            ids.append(row["id"])
+            new.append(row)
+        if new:
+            await session.execute(insert(Task), new)
+            await session.execute(
+                insert(Outbox),
+                [{"task_id": row["id"], "attempt": 1, "available_at": now} for row in new],
+            )
+    return ids
+
+
+async def _load_task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> Task:
+    query = select(Task).where(Task.id == task_id)
+    if for_update:
+        query = query.with_for_update()
+    task = await session.scalar(query)
+    if task is None:
+        raise NotFound(f"unknown task {task_id!r}: list tasks with `rexec tasks`")
+    return task
+
+
+async def get_task(rt: Runtime, task_id: str) -> TaskView:
+    async with rt.sessions() as session:
+        return task_view(await _load_task(session, task_id))
+
+
+async def wait_task(rt: Runtime, task_id: str, wait: float) -> TaskView:
+    """The task once terminal, or as it is when ``wait`` seconds (at most 60) ran out."""
+    deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT)
+    while True:
+        # Take the event before reading, so a commit between the read and the wait wakes us.
+        applied = rt.events_applied
+        view = await get_task(rt, task_id)
+        remaining = deadline - time.monotonic()
+        if view.state.terminal or remaining <= 0:
+            return view
+        with anyio.move_on_after(min(remaining, WAIT_RECHECK)):
+            await applied.wait()
+
+
+def _state_filter(state: str) -> TaskState:
+    try:
+        return TaskState(state)
+    except ValueError:
+        choices = ", ".join(s.value for s in TaskState)
+        raise Invalid(f"unknown task state {state!r}: use one of {choices}") from None
+
+
+async def list_tasks(
+    rt: Runtime, *, pool: str | None = None, state: str | None = None, limit: int = 100
+) -> list[TaskView]:
+    """Tasks, newest first, optionally of one pool and/or in one state."""
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise Invalid(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
+    query = select(Task)
+    if state is not None:
+        query = query.where(Task.state == _state_filter(state).value)
+    async with rt.sessions() as session:
+        if pool is not None:
+            await _check_pools(session, [pool])
+            query = query.where(Task.pool == pool)
+        tasks = await session.scalars(
+            query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit)
+        )
+        return [task_view(task) for task in tasks]
+
+
+async def history(rt: Runtime, task_id: str) -> list[TaskHistoryEntry]:
+    """The task's transitions, oldest first, starting with its submission."""
+    async with rt.sessions() as session:
+        task = await _load_task(session, task_id)
+        rows = await session.scalars(
+            select(TaskTransition)
+            .where(TaskTransition.task_id == task_id)
+            .order_by(TaskTransition.id)
+        )
+        entries = [
+            TaskHistoryEntry(
+                at=task.created_at,
+                attempt=1,
+                from_state=None,
+                to_state=TaskState.QUEUED.value,
+                agent_id=None,
+                reason="submitted",
+            )
+        ]
+        entries.extend(
+            TaskHistoryEntry(
+                at=row.at,
+                attempt=row.attempt,
+                from_state=row.from_state,
+                to_state=row.to_state,
+                agent_id=row.agent_id,
+                reason=row.reason,
+            )
+            for row in rows
+        )
+        return entries
+
+
+async def cancel(rt: Runtime, task_id: str) -> TaskView:
+    """Cancel a task: at once if queued; through its agent if running; 409 if terminal."""
+    now = time.time()
+    control: messages.Control | None = None
+    agent_id: str | None = None
+    async with rt.sessions.begin() as session:
+        task = await _load_task(session, task_id, for_update=True)
+        decision = statemachine.on_cancel(transitions.snapshot(task))
+        if isinstance(decision, statemachine.Reject):
+            raise Conflict(f"task {task_id} is already {task.state}; there is nothing to cancel")
+        # The marker is checked by an agent's claim, so a queued (or requeued) attempt never
+        # starts even if its message was already published.
+        await _mark_cancelled(rt, task_id)
+        if isinstance(decision, statemachine.Transition):
+            transitions.apply(session, task, decision, now)
+            await session.execute(delete(Outbox).where(Outbox.task_id == task_id))
+        else:
+            task.cancel_requested = True
+            agent_id = decision.agent_id
+            control = messages.Control(action="cancel", task_id=task.id, attempt=task.attempt)
+        view = task_view(task)
+    if control is None:
+        rt.notify_applied()
+    elif agent_id is not None:
+        await rt.publish_control(agent_id, control)
+    log.info(
+        "cancel requested",
+        extra={"task_id": task_id, "attempt": view.attempt, "agent_id": agent_id},
+    )
+    return view
+
+
+async def _mark_cancelled(rt: Runtime, task_id: str) -> None:
+    try:
+        await rt.redis.set(rt.keys.cancelled(task_id), "1", ex=CANCEL_MARKER_TTL)
+    except (RedisError, OSError) as exc:
+        # The state machine still refuses the attempt if an agent starts it: it gets stopped.
+        log.warning(
+            "could not set the cancel marker in Redis",
+            extra={"task_id": task_id, "error": str(exc)},
+        )
+
+
+# --- pools ------------------------------------------------------------------------------------
+
+
+async def _load_pool(session: AsyncSession, name: str) -> Pool:
+    pool = await session.get(Pool, name)
+    if pool is None:
+        raise _unknown_pool(name)
+    return pool
+
+
+async def _task_counts(session: AsyncSession, pool: str | None = None) -> dict[str, dict[str, int]]:
+    query = select(Task.pool, Task.state, func.count()).group_by(Task.pool, Task.state)
+    if pool is not None:
+        query = query.where(Task.pool == pool)
+    counts: dict[str, dict[str, int]] = {}
+    for name, state, count in await session.execute(query):
+        counts.setdefault(name, {})[state] = count
+    return counts
+
+
+async def create_pool(rt: Runtime, body: PoolCreate) -> PoolView:
+    try:
+        validate_pool_name(body.name)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    async with rt.sessions() as session:
+        if await session.get(Pool, body.name) is not None:
+            raise Conflict(f"pool {body.name!r} already exists")
+    # Topology first: a pool row whose queue is missing would strand its tasks.
+    await rt.declare_pool(body.name)
+    pool = Pool(
+        name=body.name, description=body.description, draining=False, created_at=time.time()
+    )
+    try:
+        async with rt.sessions.begin() as session:
+            session.add(pool)
+    except IntegrityError:
+        raise Conflict(f"pool {body.name!r} already exists") from None
+    log.info("pool created", extra={"pool": body.name})
+    return _pool_view(pool)
+
+
+async def list_pools(rt: Runtime) -> list[PoolView]:
+    async with rt.sessions() as session:
+        pools = list(await session.scalars(select(Pool).order_by(Pool.name)))
+        counts = await _task_counts(session)
+    return [_pool_view(pool, counts.get(pool.name)) for pool in pools]
+
+
+async def get_pool(rt: Runtime, name: str) -> PoolView:
+    async with rt.sessions() as session:
+        pool = await _load_pool(session, name)
+        counts = await _task_counts(session, name)
+    return _pool_view(pool, counts.get(name))
+
+
+async def set_draining(rt: Runtime, name: str, draining: bool) -> PoolView:
+    """Drain (stop publishing the pool's queued tasks) or resume it."""
+    async with rt.sessions.begin() as session:
+        pool = await _load_pool(session, name)
+        pool.draining = draining
+        counts = await _task_counts(session, name)
+    if not draining:
+        rt.wake_relay()
+    log.info("pool drained" if draining else "pool resumed", extra={"pool": name})
+    return _pool_view(pool, counts.get(name))
+
+
+# --- tokens -----------------------------------------------------------------------------------
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def create_token(rt: Runtime, body: TokenCreate) -> TokenCreated:
+    if body.expires_in is not None and not body.expires_in > 0:
+        raise Invalid(f"expires_in must be a positive number of seconds, got {body.expires_in}")
+    now = time.time()
+    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = Token(
+        id=uuid.uuid4().hex[:16],
+        pool=body.pool,
+        name=body.name,
+        prefix=secret[:12],
+        secret_hash=hash_secret(secret),
+        created_at=now,
+        last_used_at=None,
+        expires_at=None if body.expires_in is None else now + body.expires_in,
+        revoked_at=None,
+    )
+    async with rt.sessions.begin() as session:
+        await _load_pool(session, body.pool)
+        session.add(token)
+    log.info("token created", extra={"pool": body.pool, "token_id": token.id})
+    return TokenCreated(token=_token_view(token, now), secret=secret)
+
+
+async def list_tokens(rt: Runtime, *, pool: str | None = None) -> list[TokenView]:
+    query = select(Token).order_by(Token.created_at.desc())
+    if pool is not None:
+        query = query.where(Token.pool == pool)
+    now = time.time()
+    async with rt.sessions() as session:
+        return [_token_view(token, now) for token in await session.scalars(query)]
+
+
+async def revoke_token(rt: Runtime, token_id: str) -> TokenView:
+    """Revoke a token (again revoking a revoked token changes nothing)."""
+    now = time.time()
+    async with rt.sessions.begin() as session:
+        token = await session.get(Token, token_id)
+        if token is None:
+            raise NotFound(f"unknown token {token_id!r}: list tokens with `rexec token list`")
+        if token.revoked_at is None:
+            token.revoked_at = now
+    log.info("token revoked", extra={"pool": token.pool, "token_id": token_id})
+    return _token_view(token, now)
+
+
+async def authenticate_agent(session: AsyncSession, authorization: str | None) -> Token:
+    """The active token named by an ``Authorization: Bearer <secret>`` header, else 401."""
+    how = "set REXEC_AGENT_TOKEN to a secret from `rexec token create --pool <pool>`"
+    if not authorization:
+        raise Unauthorized(f"missing agent token: {how}")
+    scheme, _, secret = authorization.partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
+        raise Unauthorized(f"the Authorization header must be 'Bearer <token>': {how}")
+    digest = hash_secret(secret)
+    token = await session.scalar(select(Token).where(Token.secret_hash == digest))
+    if token is None or not hmac.compare_digest(token.secret_hash, digest):
+        raise Unauthorized(f"unknown agent token: {how}")
+    state = _token_state(token, time.time())
+    if state != "active":
+        raise Unauthorized(
+            f"agent token {token.prefix}… (id {token.id}) is {state}: "
+            f"create a new one with `rexec token create --pool {token.pool}`"
+        )
+    return token
+
+
+def agent_id_for(hostname: str) -> str:
+    """``<sanitised hostname>-<8 hex>``: readable in RabbitMQ's queue list, and unique."""
+    base = re.sub(r"[^a-z0-9-]+", "-", hostname.lower()).strip("-")[:40].strip("-")
+    return f"{base or 'agent'}-{secrets.token_hex(4)}"
+
+
+async def register_agent(
+    rt: Runtime, authorization: str | None, body: AgentRegister
+) -> AgentRegistered:
+    if body.version not in messages.SUPPORTED_VERSIONS:
+        raise Invalid(
+            f"agent speaks protocol version {body.version}, this dispatcher speaks "
+            f"{sorted(messages.SUPPORTED_VERSIONS)}: upgrade the older side"
+        )
+    async with rt.sessions() as session:
+        token = await authenticate_agent(session, authorization)
+    if token.pool != body.pool:
+        raise Conflict(
+            f"this token belongs to pool {token.pool} but the agent asked for pool {body.pool}"
+        )
+    agent_id = agent_id_for(body.hostname)
+    await rt.declare_agent_queue(agent_id)
+    now = time.time()
+    async with rt.sessions.begin() as session:
+        session.add(
+            Agent(
+                id=agent_id,
+                pool=body.pool,
+                token_id=token.id,
+                hostname=body.hostname,
+                pid=body.pid,
+                concurrency=body.concurrency,
+                version=body.version,
+                state="online",
+                registered_at=now,
+                last_seen_at=now,
+            )
+        )
+        stored = await session.get(Token, token.id)
+        if stored is not None:
+            stored.last_used_at = now
+    log.info(
+        "agent registered",
+        extra={"agent_id": agent_id, "pool": body.pool, "hostname": body.hostname},
+    )
+    return AgentRegistered(
+        agent_id=agent_id,
+        pool=body.pool,
+        heartbeat_ttl=rt.settings.heartbeat_ttl,
+        protocol_version=messages.PROTOCOL_VERSION,
+    )
+
+
+# --- agents -----------------------------------------------------------------------------------
+
+
+class _Heartbeat(msgspec.Struct):
+    at: float | None = None
+    running: int = 0
+
+
+_heartbeat_decoder = msgspec.json.Decoder(_Heartbeat)
+
+
+async def list_agents(rt: Runtime, *, pool: str | None = None) -> list[AgentView]:
+    """Registered agents; ``online`` while their heartbeat key lives in Redis."""
+    query = select(Agent).order_by(Agent.registered_at.desc())
+    if pool is not None:
+        query = query.where(Agent.pool == pool)
+    async with rt.sessions() as session:
+        agents = list(await session.scalars(query))
+    if not agents:
+        return []
+    beats: list[bytes | str | None] | None
+    try:
+        beats = await rt.redis.mget([rt.keys.agent(agent.id) for agent in agents])
+    except (RedisError, OSError) as exc:
+        log.warning("could not read heartbeats from Redis", extra={"error": str(exc)})
+        beats = None
+    now = time.time()
+    views = []
+    for index, agent in enumerate(agents):
+        raw = None if beats is None else beats[index]
+        state, age, running = ("unknown" if beats is None else "offline"), None, 0
+        if raw is not None:
+            state = "online"
+            try:
+                beat = _heartbeat_decoder.decode(raw)
+            except msgspec.DecodeError:
+                beat = _Heartbeat()
+            running = beat.running
+            age = None if beat.at is None else max(0.0, now - beat.at)
+        elif beats is not None and agent.state == "lost":
+            state = "lost"
+        views.append(
+            AgentView(
+                id=agent.id,
+                pool=agent.pool,
+                hostname=agent.hostname,
+                pid=agent.pid,
+                concurrency=agent.concurrency,
+                state=state,
+                registered_at=agent.registered_at,
+                last_seen_at=agent.last_seen_at,
+                heartbeat_age=age,
+                running=running,
+            )
+        )
+    return views
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+async def health(rt: Runtime) -> dict[str, str]:
+    async with rt.sessions() as session:
+        await session.execute(text("SELECT 1"))
+    return {"status": "ok"}
