@@ -122,21 +122,19 @@ class AsyncRexecClient:
         tasks come back as they are: check their ``state``)."""
         ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
-        views: list[TaskView | None] = [None] * len(ids)
+        views: dict[str, TaskView] = {}
 
-        async def one(index: int) -> None:
-            views[index] = await self._wait_one(ids[index], deadline)
+        async def chunk(pending: list[str]) -> None:
+            while pending:
+                waited = await self._run(_calls.wait_many(pending, deadline))
+                pending = _calls.merge_waited(views, waited)
+                if _calls.expired(deadline):
+                    return
 
         async with anyio.create_task_group() as tg:
-            for index in range(len(ids)):
-                tg.start_soon(one, index)
-        return [view for view in views if view is not None]
-
-    async def _wait_one(self, task_id: str, deadline: float | None) -> TaskView:
-        while True:
-            view = await self.get(task_id, wait=_calls.poll_wait(deadline))
-            if view.state.terminal or _calls.expired(deadline):
-                return view
+            for start in range(0, len(ids), _calls.WAIT_CHUNK):
+                tg.start_soon(chunk, ids[start : start + _calls.WAIT_CHUNK])
+        return [views[task_id] for task_id in ids if task_id in views]
 
     async def list_tasks(
         self, *, pool: str | None = None, state: str | None = None, limit: int = 100

@@ -26,6 +26,8 @@ from schemas.api import (
     TokenCreate,
     TokenCreated,
     TokenView,
+    WaitResult,
+    WaitTasks,
 )
 
 T = TypeVar("T")
@@ -114,6 +116,7 @@ _tokens = _decoder(list[TokenView])
 _token_created = _decoder(TokenCreated)
 _agents = _decoder(list[AgentView])
 _batch = _decoder(SubmitBatchResult)
+_wait_result = _decoder(WaitResult)
 _health = _decoder(dict[str, str])
 
 
@@ -133,6 +136,18 @@ def submit(body: SubmitTask) -> Call[TaskView]:
 def submit_batch(tasks: Sequence[SubmitTask]) -> Call[SubmitBatchResult]:
     return Call(
         "POST", _v1("tasks", "batch"), _batch, body=_encoder.encode(SubmitBatch(tasks=list(tasks)))
+    )
+
+
+WAIT_CHUNK = 10_000
+"""Ids per ``/tasks/wait`` request (the server's limit)."""
+
+
+def wait_many(task_ids: Sequence[str], deadline: float | None) -> Call[WaitResult]:
+    wait = poll_wait(deadline)
+    body = _encoder.encode(WaitTasks(ids=list(task_ids), wait=wait))
+    return Call(
+        "POST", _v1("tasks", "wait"), _wait_result, body=body, timeout=wait + DEFAULT_TIMEOUT
     )
 
 
@@ -226,6 +241,13 @@ def poll_wait(deadline: float | None) -> float:
     if deadline is None:
         return MAX_WAIT
     return max(0.0, min(MAX_WAIT, deadline - time.monotonic()))
+
+
+def merge_waited(views: dict[str, TaskView], waited: WaitResult) -> list[str]:
+    """Record the views of one ``/tasks/wait`` answer; return the ids still not terminal."""
+    for view in waited.tasks:
+        views[view.id] = view
+    return [view.id for view in waited.tasks if not view.state.terminal]
 
 
 def expired(deadline: float | None) -> bool:

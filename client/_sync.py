@@ -117,13 +117,14 @@ class RexecClient:
         tasks come back as they are: check their ``state``)."""
         ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
-        return [self._wait_one(task_id, deadline) for task_id in ids]
-
-    def _wait_one(self, task_id: str, deadline: float | None) -> TaskView:
-        while True:
-            view = self.get(task_id, wait=_calls.poll_wait(deadline))
-            if view.state.terminal or _calls.expired(deadline):
-                return view
+        views: dict[str, TaskView] = {}
+        for start in range(0, len(ids), _calls.WAIT_CHUNK):
+            pending = ids[start : start + _calls.WAIT_CHUNK]
+            while pending:
+                pending = _calls.merge_waited(views, self._run(_calls.wait_many(pending, deadline)))
+                if _calls.expired(deadline):
+                    break
+        return [views[task_id] for task_id in ids if task_id in views]
 
     def list_tasks(
         self, *, pool: str | None = None, state: str | None = None, limit: int = 100

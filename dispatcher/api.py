@@ -52,6 +52,8 @@ from schemas.api import (
     TokenCreate,
     TokenCreated,
     TokenView,
+    WaitResult,
+    WaitTasks,
 )
 
 from . import service
@@ -94,6 +96,11 @@ async def submit_batch(
 ) -> SubmitBatchResult:
     """Submit many tasks in one transaction; ids come back in order."""
     return SubmitBatchResult(ids=await service.submit_batch(rt, data.tasks))
+
+
+async def wait_tasks(rt: NamedDependency[Runtime], data: JSONBody[WaitTasks]) -> WaitResult:
+    """Long-poll many tasks: returns once every one is terminal or ``wait`` (at most 60 s) ran out."""
+    return WaitResult(tasks=await service.wait_tasks(rt, data.ids, data.wait))
 
 
 async def list_tasks(
@@ -316,6 +323,7 @@ def create_app(runtime: Runtime) -> Litestar:
                 request_max_body_size=batch_body,
                 tags=tags,
             )(submit_batch),
+            post("/tasks/wait", status_code=HTTP_200_OK, tags=tags)(wait_tasks),
             get("/tasks", tags=tags)(list_tasks),
             get("/tasks/{task_id:str}", tags=tags, responses=_ERRORS)(get_task),
             post("/tasks/{task_id:str}/cancel", status_code=HTTP_200_OK, tags=tags)(cancel_task),

@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from schemas import messages
 from schemas.api import (
+    TERMINAL_STATES,
     AgentRegister,
     AgentRegistered,
     AgentView,
@@ -367,6 +368,51 @@ async def wait_task(rt: Runtime, task_id: str, wait: float) -> TaskView:
             return view
         with anyio.move_on_after(min(remaining, WAIT_RECHECK)):
             await applied.wait()
+
+
+WAIT_CHUNK = 500
+"""Ids per ``IN (...)`` query, well under every database's parameter limit."""
+
+
+async def wait_tasks(rt: Runtime, task_ids: Sequence[str], wait: float) -> list[TaskView]:
+    """Many tasks once all are terminal, or as they are when ``wait`` (at most 60 s) ran out.
+
+    While waiting, only the states of the tasks still pending are read, so waiting on
+    thousands of tasks costs a few small queries per commit of the events consumer.
+    """
+    if len(task_ids) > MAX_LIST_LIMIT:
+        raise Invalid(f"wait takes at most {MAX_LIST_LIMIT} ids per request, got {len(task_ids)}")
+    deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT)
+    terminal = [s.value for s in TERMINAL_STATES]
+    pending = set(task_ids)
+    while pending:
+        applied = rt.events_applied
+        async with rt.sessions() as session:
+            known: set[str] = set()
+            for chunk in _chunks(sorted(pending), WAIT_CHUNK):
+                rows = await session.execute(select(Task.id, Task.state).where(Task.id.in_(chunk)))
+                for task_id, state in rows:
+                    known.add(task_id)
+                    if state in terminal:
+                        pending.discard(task_id)
+        if missing := pending - known:
+            raise NotFound(f"unknown task {sorted(missing)[0]!r}: list tasks with `rexec tasks`")
+        remaining = deadline - time.monotonic()
+        if not pending or remaining <= 0:
+            break
+        with anyio.move_on_after(min(remaining, WAIT_RECHECK)):
+            await applied.wait()
+    views: dict[str, TaskView] = {}
+    async with rt.sessions() as session:
+        for chunk in _chunks(list(dict.fromkeys(task_ids)), WAIT_CHUNK):
+            for task in await session.scalars(select(Task).where(Task.id.in_(chunk))):
+                views[task.id] = task_view(task)
+    return [views[task_id] for task_id in task_ids]
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _state_filter(state: str) -> TaskState:

@@ -82,6 +82,18 @@ class SubmitBatchResult(msgspec.Struct, kw_only=True):
     ids: list[str]
 
 
+class WaitTasks(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Long-poll for many tasks at once: returns when all are terminal or ``wait`` ran out."""
+
+    ids: list[str]
+    wait: float = 30.0
+
+
+class WaitResult(msgspec.Struct, kw_only=True):
+    tasks: list[TaskView]
+    """In the order asked; check ``state``: some may still be running when the wait ran out."""
+
+
 class TaskHistoryEntry(msgspec.Struct, kw_only=True):
     at: float
     attempt: int

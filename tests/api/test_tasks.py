@@ -322,3 +322,35 @@ async def test_long_poll_wakes_on_notify(
         await finish(runtime, task["id"])
     assert views[0].state is TaskState.SUCCEEDED
     assert time.monotonic() - started < 5
+
+
+async def test_waiting_on_many_tasks_returns_once_all_are_terminal(
+    runtime: Runtime, api: httpx.AsyncClient, pool: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dispatcher import service
+
+    monkeypatch.setattr(service, "WAIT_RECHECK", 30.0)
+    ids = [(await submit(api, pool)).json()["id"] for _ in range(3)]
+    await finish(runtime, ids[0])
+    quick = await api.post("/v1/tasks/wait", json={"ids": ids, "wait": 0.1})
+    assert [t["state"] for t in quick.json()["tasks"]] == ["succeeded", "queued", "queued"]
+
+    answer: dict[str, object] = {}
+
+    async def waiter() -> None:
+        response = await api.post("/v1/tasks/wait", json={"ids": ids, "wait": 30}, timeout=40)
+        answer.update(response.json())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        await finish(runtime, ids[1])
+        await anyio.wait_all_tasks_blocked()
+        assert not answer, "one task is still queued: the wait goes on"
+        started = time.monotonic()
+        await finish(runtime, ids[2])
+    assert [t["id"] for t in answer["tasks"]] == ids  # type: ignore[index]
+    assert time.monotonic() - started < 5
+
+    unknown = await api.post("/v1/tasks/wait", json={"ids": [ids[0], "nope"], "wait": 0})
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
