@@ -35,6 +35,7 @@ from litestar.status_codes import (
     HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
 )
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from schemas.api import (
     API_PREFIX,
@@ -56,6 +57,7 @@ from schemas.api import (
     WaitTasks,
 )
 
+from . import metrics as metrics_module
 from . import service
 from .runtime import Runtime
 
@@ -204,6 +206,12 @@ async def healthz(rt: NamedDependency[Runtime]) -> dict[str, str]:
     return await service.health(rt)
 
 
+async def metrics(rt: NamedDependency[Runtime]) -> Response[bytes]:
+    """Prometheus metrics (text format): tasks, queue depth, agents, latencies, requeues."""
+    body = await metrics_module.render(rt)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -348,7 +356,11 @@ def create_app(runtime: Runtime) -> Litestar:
         ],
     )
     return Litestar(
-        route_handlers=[v1, get("/healthz", tags=["health"])(healthz)],
+        route_handlers=[
+            v1,
+            get("/healthz", tags=["health"])(healthz),
+            get("/metrics", tags=["health"], include_in_schema=False)(metrics),
+        ],
         dependencies={"rt": Provide(provide_runtime, sync_to_thread=False)},
         exception_handlers={
             service.ServiceError: _on_service_error,

@@ -273,3 +273,19 @@ async def test_token_rows_hold_no_secret(
     async with runtime.sessions() as session:
         hashes = list(await session.scalars(select(Token.secret_hash).where(Token.pool == pool)))
     assert hashes == [hashlib.sha256(secret.encode()).hexdigest()]
+
+
+async def test_metrics_describe_tasks_queues_and_agents(
+    api: httpx.AsyncClient, runtime: Runtime, pool: str
+) -> None:
+    await api.post("/v1/tasks", json={"pool": pool, "target": "m:f"})
+    await runtime.redis.set(
+        runtime.keys.agent("m-agent"), b'{"pool": "%s", "at": 1}' % pool.encode(), ex=30
+    )
+    runtime.metrics.stale_events.labels("stale_attempt").inc()
+    text = (await api.get("/metrics")).text
+    assert f'rexec_tasks{{pool="{pool}",state="queued"}} 1.0' in text
+    assert f'rexec_queue_depth{{pool="{pool}"}}' in text
+    assert f'rexec_agents_live{{pool="{pool}"}} 1.0' in text
+    assert 'rexec_stale_events_total{reason="stale_attempt"} 1.0' in text
+    assert "rexec_submit_to_start_seconds_bucket" in text or "rexec_submit_to_start_seconds" in text
