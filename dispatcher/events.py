@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import aio_pika
 import anyio
@@ -110,7 +110,9 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
     async with rt.sessions.begin() as session:
         tasks: dict[str, Task] = {}
         if task_ids:
-            result = await session.scalars(select(Task).where(Task.id.in_(task_ids)).with_for_update())
+            result = await session.scalars(
+                select(Task).where(Task.id.in_(task_ids)).with_for_update()
+            )
             tasks = {t.id: t for t in result}
         for event in events:
             if isinstance(event, messages.AgentOnline | messages.AgentOffline):

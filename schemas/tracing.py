@@ -57,7 +57,9 @@ def inject(headers: MutableMapping[str, Any], context: Context | None = None) ->
 
 
 def extract(headers: Mapping[str, Any] | None) -> Context:
-    carrier = {k: v.decode() if isinstance(v, bytes) else str(v) for k, v in (headers or {}).items()}
+    carrier = {
+        k: v.decode() if isinstance(v, bytes) else str(v) for k, v in (headers or {}).items()
+    }
     return propagate.extract(carrier)
 
 
