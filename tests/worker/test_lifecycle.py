@@ -1,0 +1,174 @@
+"""Intake and shutdown: started is confirmed before the ack, the drain hands back what it
+cannot finish, and intake pauses instead of hoarding deliveries behind long tasks."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import aiormq.exceptions
+import anyio
+import httpx
+import pytest
+import redis
+from aio_pika.abc import AbstractIncomingMessage
+
+from schemas import messages, names
+from schemas.names import RedisKeys
+from schemas.settings import Settings
+from tests.conftest import MANAGEMENT_URL
+from tests.support import await_until
+from tests.worker.harness import Broker, running_agent, task, until
+from worker.agent import Agent, AgentError
+
+pytestmark = pytest.mark.anyio
+
+
+class RecordingAgent(Agent):
+    """Records the order of confirmed events and acks."""
+
+    order: list[tuple[str, str]]
+
+    async def _emit(self, event: messages.Event) -> None:
+        await super()._emit(event)
+        if isinstance(event, messages.TaskEvent):
+            self.order.append((f"confirmed {type(event).__name__}", event.task_id))
+
+    async def _ack(
+        self, message: AbstractIncomingMessage, task: messages.TaskMessage | None
+    ) -> None:
+        self.order.append(("ack", task.task_id if task else ""))
+        await super()._ack(message, task)
+
+
+async def test_started_is_confirmed_before_the_delivery_is_acked(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    RecordingAgent.order = []
+    async with running_agent(broker, agent_settings, pool, agent_class=RecordingAgent):
+        message = task(pool, "tests.tasks:sleep", args=[0.2])
+        assert isinstance(await broker.run(pool, message), messages.Succeeded)
+        order = [what for what, task_id in RecordingAgent.order if task_id == message.task_id]
+        assert order == ["confirmed Started", "ack", "confirmed Succeeded"]
+
+
+async def test_delivery_is_not_held_while_the_task_runs(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    """A running task's delivery is already acked: losing the channel returns nothing to the
+    queue, and the result is still reported once the channel is back."""
+    async with running_agent(broker, agent_settings, pool) as agent:
+        message = task(pool, "tests.tasks:sleep", args=[1.0])
+        await broker.publish(pool, message)
+        await broker.wait_for(message.task_id, messages.Started)
+        # The broker closes the agent's channel (as on a channel error); the robust channel
+        # reopens. Unacked deliveries would go back to the queue now.
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await agent._channel.declare_queue("rexec.no-such-queue", passive=True)
+        assert await broker.ready(names.pool_queue(pool)) == []
+        assert isinstance(await broker.terminal(message.task_id), messages.Succeeded)
+        assert isinstance(await broker.run(pool, task(pool)), messages.Succeeded)
+
+
+async def test_drain_finishes_what_it_can_and_hands_back_the_rest(
+    broker: Broker, agent_settings: Settings, pool: str, redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    quick = task(pool, "tests.tasks:sleep", args=[0.3])
+    slow = task(pool, "tests.tasks:sleep", args=[30])
+    waiting = task(pool)
+    async with anyio.create_task_group() as tg:
+        agent = Agent(
+            agent_settings,
+            agent_id="drain-" + quick.task_id[:8],
+            pool=pool,
+            allow=["tests.tasks:*"],
+            concurrency=2,
+            drain_timeout=1.5,
+            pause_after=60,
+        )
+        await tg.start(agent.run)
+        await broker.publish(pool, quick)
+        await broker.publish(pool, slow)
+        await broker.wait_for(quick.task_id, messages.Started)
+        await broker.wait_for(slow.task_id, messages.Started)
+        await broker.publish(pool, waiting)  # delivered, but no slot is free
+        await until(lambda: agent._intake.waiting == 1, 5, "the third delivery to wait")
+        with anyio.fail_after(10):
+            await agent.shutdown()  # what SIGTERM does in rexec-agent
+    assert isinstance(await broker.terminal(quick.task_id), messages.Succeeded)
+    handed_back = await broker.terminal(slow.task_id)
+    assert isinstance(handed_back, messages.Failed)
+    assert (handed_back.error_type, handed_back.retryable) == ("AgentShutdown", True)
+    assert broker.of(waiting.task_id) == []
+    [back] = await broker.wait_ready(names.pool_queue(pool), 1)  # the waiting task went back
+    assert messages.decode_task(back).task_id == waiting.task_id
+    assert agent.stats.handed_back == 1
+
+    async def offline() -> bool:
+        return any(
+            isinstance(e, messages.AgentOffline) and e.agent_id == agent.agent_id
+            for e in broker.events
+        )
+
+    await await_until(offline, 5, "agent_offline")
+    assert redis_client.get(keys.agent(agent.agent_id)) is None
+    assert agent.running == 0
+
+
+async def test_intake_pauses_and_hands_back_deliveries_behind_long_tasks(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    long = task(pool, "tests.tasks:sleep", args=[2.0])
+    queued = task(pool)
+    async with running_agent(
+        broker, agent_settings, pool, concurrency=1, pause_after=0.2, return_after=0.6
+    ) as agent:
+        await broker.publish(pool, long)
+        await broker.wait_for(long.task_id, messages.Started)
+        await broker.publish(pool, queued)
+        await until(lambda: agent._intake.pauses == 1, 5, "intake to pause")
+        await until(lambda: agent.stats.handed_back == 1, 5, "the waiting delivery handed back")
+        [back] = await broker.wait_ready(names.pool_queue(pool), 1)
+        assert messages.decode_task(back).task_id == queued.task_id
+        assert isinstance(await broker.terminal(long.task_id), messages.Succeeded)
+        assert isinstance(await broker.terminal(queued.task_id), messages.Succeeded)
+
+
+async def test_missing_pool_queue_is_a_clear_error(
+    broker: Broker, agent_settings: Settings
+) -> None:
+    agent = Agent(agent_settings, agent_id="lonely", pool="no-such-pool", allow=["x:*"])
+    with pytest.raises(AgentError, match=r"queue rexec\.pool\.no-such-pool does not exist"):
+        await agent.run()
+
+
+async def test_connection_killed_mid_task_loses_nothing(
+    broker: Broker, agent_settings: Settings, pool: str, vhost: str
+) -> None:
+    """The dispatcher's watchdog (or a broker restart) closes the agent's connection while a
+    task runs: the agent reconnects, reports the result, and keeps consuming."""
+    async with running_agent(broker, agent_settings, pool) as agent:
+        message = task(pool, "tests.tasks:sleep", args=[1.0])
+        await broker.publish(pool, message)
+        await broker.wait_for(message.task_id, messages.Started)
+        expected = names.agent_connection_name(pool, agent.agent_id, agent.hostname)
+        async with httpx.AsyncClient(
+            base_url=MANAGEMENT_URL, auth=("guest", "guest"), timeout=10
+        ) as api:
+
+            async def connection() -> str | None:
+                response = await api.get(f"/api/vhosts/{quote(vhost, safe='')}/connections")
+                for conn in response.json():
+                    if conn.get("client_properties", {}).get("connection_name") == expected:
+                        return str(conn["name"])
+                return None
+
+            name = await await_until(connection, 15, f"connection {expected!r} to be listed")
+            assert name is not None
+            response = await api.delete(f"/api/connections/{quote(name, safe='')}")
+            assert response.status_code in (200, 204)
+        assert isinstance(await broker.terminal(message.task_id, within=20), messages.Succeeded)
+        assert isinstance(await broker.run(pool, task(pool)), messages.Succeeded)
+        assert [type(e) for e in broker.of(message.task_id)] == [
+            messages.Started,
+            messages.Succeeded,
+        ]

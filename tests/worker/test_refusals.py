@@ -1,0 +1,85 @@
+"""Bad input is refused clearly: dead-letters with a reason, refusals that name the target,
+and the agent keeps consuming afterwards."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from schemas import messages, names
+from schemas.settings import Settings
+from tests.worker.harness import Broker, running_agent, task
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"this is not json", "malformed task message"),
+        (b'{"v": 99, "task_id": "t", "attempt": 1}', "unsupported protocol version 99"),
+        (b'{"v": 1, "task_id": "t", "attempt": 1}', "missing required field"),
+    ],
+    ids=["not-json", "unknown-version", "missing-field"],
+)
+async def test_unusable_body_is_dead_lettered_with_reason(
+    broker: Broker, agent_settings: Settings, pool: str, body: bytes, needle: str
+) -> None:
+    async with running_agent(broker, agent_settings, pool) as agent:
+        await broker.publish(pool, body)
+        [dead] = await broker.wait_dead_letters(pool)
+        assert dead.body == body
+        headers = dead.headers
+        assert needle in str(headers[names.REASON_HEADER])
+        assert headers["x-rexec-agent"] == agent.agent_id
+        assert agent.stats.dead_lettered == 1
+        # The agent keeps consuming.
+        event = await broker.run(pool, task(pool))
+        assert isinstance(event, messages.Succeeded)
+        assert await broker.ready(names.pool_queue(pool)) == []
+
+
+async def test_task_of_another_pool_is_dead_lettered(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    async with running_agent(broker, agent_settings, pool):
+        stray = task("some-other-pool")
+        await broker.publish(pool, stray)
+        [dead] = await broker.wait_dead_letters(pool)
+        reason = str(dead.headers[names.REASON_HEADER])
+        assert "'some-other-pool'" in reason and pool in reason
+        assert broker.of(stray.task_id) == []
+
+
+async def test_disallowed_target_fails_and_names_target_and_patterns(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    allow = ["tests.tasks:add", "echo"]
+    async with running_agent(broker, agent_settings, pool, allow=allow) as agent:
+        for message, target in [
+            (task(pool, "tests.tasks:sleep", args=[0]), "tests.tasks:sleep"),
+            (task(pool, argv=["rm", "-rf", "/tmp/x"]), "rm"),
+        ]:
+            event = await broker.run(pool, message)
+            assert isinstance(event, messages.Failed), event
+            assert (event.error_type, event.retryable) == ("TargetNotAllowed", False)
+            assert repr(target) in event.message
+            assert "'tests.tasks:add'" in event.message and "'echo'" in event.message
+            assert [type(e) for e in broker.of(message.task_id)] == [messages.Failed]
+        assert agent.stats.not_allowed == 2
+        ok = await broker.run(pool, task(pool, "tests.tasks:add"))
+        assert isinstance(ok, messages.Succeeded)
+
+
+async def test_expired_task_is_not_started(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    async with running_agent(broker, agent_settings, pool) as agent:
+        message = task(pool, expires_at=time.time() - 1)
+        event = await broker.run(pool, message)
+        assert isinstance(event, messages.Expired)
+        assert [type(e) for e in broker.of(message.task_id)] == [messages.Expired]
+        assert agent.stats.expired == 1
+        fresh = await broker.run(pool, task(pool, expires_at=time.time() + 60))
+        assert isinstance(fresh, messages.Succeeded)

@@ -1,0 +1,99 @@
+"""Registration: the token is sent as a bearer token, refusals become clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from schemas.api import AgentRegister
+from schemas.settings import load_settings
+from worker.registration import RegistrationError, register
+
+pytestmark = pytest.mark.anyio
+
+BODY = AgentRegister(pool="alpha", hostname="h", pid=1, concurrency=4, version=1, allow=["m:*"])
+
+
+def transport(status: int, body: object, seen: list[httpx.Request]) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(status, json=body)
+
+    return httpx.MockTransport(handle)
+
+
+async def test_register_sends_token_and_body() -> None:
+    seen: list[httpx.Request] = []
+    answer = {
+        "agent_id": "ag-1",
+        "pool": "alpha",
+        "heartbeat_ttl": 4.5,
+        "protocol_version": 1,
+        "amqp_url": "amqp://scoped@broker/",
+    }
+    settings = load_settings({}, api_url="http://api.test:8600/")
+    registered = await register(settings, "s3cret", BODY, transport=transport(200, answer, seen))
+    assert registered.agent_id == "ag-1"
+    assert registered.heartbeat_ttl == 4.5
+    assert registered.amqp_url == "amqp://scoped@broker/"
+    assert registered.redis_url is None
+    [request] = seen
+    assert str(request.url) == "http://api.test:8600/v1/agents/register"
+    assert request.headers["Authorization"] == "Bearer s3cret"
+    assert json.loads(request.content) == {
+        "pool": "alpha",
+        "hostname": "h",
+        "pid": 1,
+        "concurrency": 4,
+        "version": 1,
+        "allow": ["m:*"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "hint"),
+    [
+        (401, "token revoked", "REXEC_AGENT_TOKEN"),
+        (403, "token is for pool beta", "its own pool"),
+        (404, "no pool named alpha", "rexec pool create"),
+        (409, "pool alpha is draining", "conflicts"),
+    ],
+)
+async def test_refusals_carry_the_server_message(status: int, error: str, hint: str) -> None:
+    seen: list[httpx.Request] = []
+    with pytest.raises(RegistrationError) as caught:
+        await register(
+            load_settings({}), "t", BODY, transport=transport(status, {"error": error}, seen)
+        )
+    text = str(caught.value)
+    assert error in text and str(status) in text and hint in text
+    assert len(seen) == 1, "refusals are not retried"
+
+
+async def test_server_errors_are_retried_then_reported() -> None:
+    seen: list[httpx.Request] = []
+    with pytest.raises(RegistrationError, match="failed \\(503\\): down for maintenance"):
+        await register(
+            load_settings({}),
+            "t",
+            BODY,
+            transport=transport(503, {"error": "down for maintenance"}, seen),
+            retry_for=0.5,
+        )
+    assert len(seen) >= 2
+
+
+async def test_unreachable_api_names_the_url() -> None:
+    settings = load_settings({}, api_url="http://127.0.0.1:9")
+    with pytest.raises(
+        RegistrationError, match=r"cannot reach the rexec API at http://127\.0\.0\.1:9"
+    ):
+        await register(settings, "t", BODY, retry_for=0)
+
+
+async def test_unexpected_body_is_an_error() -> None:
+    seen: list[httpx.Request] = []
+    with pytest.raises(RegistrationError, match="unexpected body"):
+        await register(load_settings({}), "t", BODY, transport=transport(200, {"x": 1}, seen))

@@ -1,0 +1,618 @@
+"""The agent: consumes its pool's queue, claims, runs and reports attempts, and drains on stop.
+
+For each delivery: decode (dead-letter what cannot be used), refuse expired and disallowed
+tasks, claim the lease, publish ``started`` and wait for the broker's confirm, ack, run, report
+the outcome, release the lease. The delivery is never held during the run: from the ack on,
+the lease and the heartbeat carry the responsibility for the attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import aio_pika
+import aiormq.exceptions
+import anyio
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from anyio.abc import TaskGroup, TaskStatus
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from yarl import URL
+
+from schemas import messages, names
+from schemas.names import RedisKeys
+from schemas.settings import Settings
+
+from .allow import allowed, refusal, task_target
+from .attempts import Attempt, Attempts, StopReason
+from .children import open_child_pool
+from .control import ControlHandler
+from .deadletter import dead_letter
+from .events import EventPublisher
+from .execution import Executor
+from .heartbeat import Heartbeat
+from .intake import Intake, Slot, requeue
+from .leases import Claim, ClaimResult, LeaseStore, LostLease
+from .reports import Reporter
+
+log = logging.getLogger("rexec.agent")
+
+CONTROL_PREFETCH = 64
+SHUTDOWN_GRACE = 30.0
+"""Seconds the drain waits for stopped attempts to report, after the drain timeout."""
+OFFLINE_TIMEOUT = 10.0
+RECONNECT_INTERVAL = 1.0
+"""Seconds between reconnection attempts: results wait in memory meanwhile, so retry soon."""
+
+
+class AgentError(Exception):
+    """The agent cannot start or run; the text says what is wrong and what to do."""
+
+
+@dataclass
+class AgentStats:
+    """Counters for tests and logs: what happened to the deliveries this agent received."""
+
+    received: int = 0
+    dead_lettered: int = 0
+    expired: int = 0
+    not_allowed: int = 0
+    duplicates: int = 0
+    cancelled_before_start: int = 0
+    started: int = 0
+    finished: int = 0
+    leases_lost: int = 0
+    handed_back: int = 0
+
+
+class Agent:
+    """One agent of one pool. Constructible without registration, so tests run it in-process.
+
+    ``await agent.run()`` runs until ``request_shutdown()`` (or ``await agent.shutdown()``)
+    and the drain completes.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        agent_id: str,
+        pool: str,
+        allow: Sequence[str],
+        concurrency: int = 4,
+        drain_timeout: float = 30.0,
+        hostname: str | None = None,
+        pause_after: float = 1.0,
+        return_after: float = 300.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        self.settings = settings
+        self.agent_id = agent_id
+        self.pool = pool
+        self.allow = list(allow)
+        self.concurrency = concurrency
+        self.drain_timeout = drain_timeout
+        self.hostname = hostname or socket.gethostname()
+        self.pause_after = pause_after
+        self.return_after = return_after
+        self.keys = RedisKeys(settings.redis_prefix)
+        self.stats = AgentStats()
+        self._reporter = Reporter(agent_id)
+        self.attempts = Attempts()
+        self._stop_flag = False
+        self._hurry_flag = False
+        self._hurry: anyio.Event | None = None
+        self._stop_requested: anyio.Event | None = None
+        self._finished: anyio.Event | None = None
+        self._held: set[tuple[str, int]] = set()
+        self._handlers = 0
+        self._handlers_idle: anyio.Event | None = None
+        self._started = False
+        # Set while running:
+        self._channel: AbstractChannel
+        self._dead_exchange: AbstractExchange
+        self._intake: Intake
+        self._publisher: EventPublisher
+        self._leases: LeaseStore
+        self._executor: Executor
+        self._heartbeat: Heartbeat
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def request_shutdown(self, *, immediate: bool = False) -> None:
+        """Start the graceful drain (``immediate``: hand running attempts back at once)."""
+        self._stop_flag = True
+        self._hurry_flag = self._hurry_flag or immediate
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+        if immediate and self._hurry is not None:
+            self._hurry.set()
+
+    async def shutdown(self, *, immediate: bool = False) -> None:
+        """Drain and wait until ``run`` has finished."""
+        self.request_shutdown(immediate=immediate)
+        if self._finished is not None:
+            await self._finished.wait()
+
+    @property
+    def running(self) -> int:
+        return len(self.attempts)
+
+    def _log(self, level: int, event: str, **fields: object) -> None:
+        log.log(level, event, extra={"agent_id": self.agent_id, "pool": self.pool, **fields})
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self._started:
+            raise RuntimeError("an Agent runs once; make a new one")
+        self._started = True
+        self._stop_requested = anyio.Event()
+        self._finished = anyio.Event()
+        self._handlers_idle = anyio.Event()
+        self._handlers_idle.set()
+        self._hurry = anyio.Event()
+        if self._stop_flag:
+            self._stop_requested.set()
+        if self._hurry_flag:
+            self._hurry.set()
+        try:
+            async with AsyncExitStack() as stack:
+                redis = Redis.from_url(self.settings.redis_url)
+                stack.push_async_callback(redis.aclose)
+                connection = await self._connect()
+                stack.push_async_callback(_close_quietly, connection)
+                await self._serve(connection, redis, task_status)
+        finally:
+            self._finished.set()
+
+    async def _connect(self) -> AbstractRobustConnection:
+        name = names.agent_connection_name(self.pool, self.agent_id, self.hostname)
+        try:
+            return await aio_pika.connect_robust(
+                self.settings.amqp_url,
+                client_properties={"connection_name": name},
+                reconnect_interval=RECONNECT_INTERVAL,
+            )
+        except Exception as exc:
+            raise AgentError(
+                f"cannot connect to RabbitMQ at {_safe_url(self.settings.amqp_url)}: {exc}; "
+                "check REXEC_AMQP_URL and that the broker is running"
+            ) from None
+
+    async def _serve(
+        self, connection: AbstractRobustConnection, redis: Redis, task_status: TaskStatus[None]
+    ) -> None:
+        assert self._stop_requested is not None
+        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await self._channel.set_qos(prefetch_count=self.concurrency)
+        queue = await self._pool_queue(self._channel)
+        events = await self._channel.get_exchange(names.EVENTS_EXCHANGE, ensure=False)
+        self._dead_exchange = await self._channel.get_exchange(names.DEAD_EXCHANGE, ensure=False)
+        self._publisher = EventPublisher(events)
+        self._leases = LeaseStore(redis, self.keys, self.agent_id)
+        self._heartbeat = Heartbeat(
+            redis=redis,
+            keys=self.keys,
+            leases=self._leases,
+            agent_id=self.agent_id,
+            pool=self.pool,
+            hostname=self.hostname,
+            ttl=self.settings.heartbeat_ttl,
+            held=lambda: sorted(self._held),
+            running=lambda: self.running,
+            on_lost=self._on_lease_lost,
+        )
+        self._intake = Intake(
+            queue,
+            self.concurrency,
+            pause_after=self.pause_after,
+            return_after=self.return_after,
+            agent_id=self.agent_id,
+        )
+        if not await self._first_beat():
+            return
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._publisher.run)
+            async with open_child_pool(
+                self.concurrency, self.settings.max_result_bytes
+            ) as children:
+                self._executor = Executor(children, self._reporter)
+                async with anyio.create_task_group() as work:
+                    work.start_soon(self._heartbeat.run)
+                    await self._emit(
+                        messages.AgentOnline(
+                            agent_id=self.agent_id,
+                            pool=self.pool,
+                            hostname=self.hostname,
+                            pid=os.getpid(),
+                            concurrency=self.concurrency,
+                            at=time.time(),
+                        )
+                    )
+                    await self._start_control(connection)
+                    await self._intake.start()
+                    work.start_soon(self._intake.run)
+                    work.start_soon(self._consume, work)
+                    self._log(
+                        logging.INFO,
+                        "agent ready",
+                        concurrency=self.concurrency,
+                        allow=self.allow,
+                        queue=names.pool_queue(self.pool),
+                    )
+                    task_status.started()
+                    await self._stop_requested.wait()
+                    await self._drain()
+                    work.cancel_scope.cancel()
+            await self._go_offline()
+        await self._heartbeat.stop()
+        self._log(logging.INFO, "agent stopped", **_asdict(self.stats))
+
+    async def _pool_queue(self, channel: AbstractChannel) -> AbstractQueue:
+        name = names.pool_queue(self.pool)
+        try:
+            return await channel.declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            raise AgentError(
+                f"queue {name} does not exist: create pool {self.pool!r} first "
+                f"(rexec pool create {self.pool}) or check --pool"
+            ) from None
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise AgentError(
+                f"access to queue {name} refused: {exc}; this agent's broker credentials "
+                f"do not cover pool {self.pool!r}"
+            ) from None
+
+    async def _first_beat(self) -> bool:
+        """The heartbeat must exist before any claim; wait for Redis if needed."""
+        assert self._stop_requested is not None
+        delay = 0.1
+        while not self._stop_requested.is_set():
+            try:
+                await self._heartbeat.beat()
+                return True
+            except (RedisError, OSError) as exc:
+                self._log(logging.WARNING, "Redis unreachable, waiting", error=str(exc))
+                with anyio.move_on_after(delay):
+                    await self._stop_requested.wait()
+                delay = min(delay * 2, 2.0)
+        return False
+
+    async def _start_control(self, connection: AbstractRobustConnection) -> None:
+        """Consume ``rexec.agent.<id>`` if the dispatcher declared it (checked passively)."""
+        name = names.agent_queue(self.agent_id)
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            self._log(
+                logging.WARNING,
+                "no control queue: cancel requests reach this agent only as cancel markers",
+                queue=name,
+            )
+            await _close_quietly(channel)
+            return
+        await channel.set_qos(prefetch_count=CONTROL_PREFETCH)
+        control = ControlHandler(self.attempts, self.agent_id, self._lease_lost)
+        await queue.consume(control.on_message)
+
+    async def _drain(self) -> None:
+        self._log(
+            logging.INFO,
+            "draining: intake stopped, waiting for running tasks",
+            running=self.running,
+            drain_timeout=self.drain_timeout,
+        )
+        await self._intake.stop()
+        await self._wait_handlers(self.drain_timeout, hurry=True)
+        left = self.attempts.all()
+        for attempt in left:
+            if attempt.stop(StopReason.SHUTDOWN):
+                self._log(
+                    logging.WARNING,
+                    "drain deadline reached: handing the attempt back",
+                    task_id=attempt.task.task_id,
+                    attempt=attempt.task.attempt,
+                )
+        if not await self._wait_handlers(SHUTDOWN_GRACE, hurry=False):
+            self._log(logging.ERROR, "tasks still reporting at shutdown", running=self.running)
+
+    async def _wait_handlers(self, seconds: float, *, hurry: bool) -> bool:
+        """Wait until no delivery is being handled; False on timeout (or a hurry request)."""
+        assert self._hurry is not None
+        with anyio.move_on_after(seconds):
+            while self._handlers:
+                assert self._handlers_idle is not None
+                events = [self._handlers_idle, self._hurry] if hurry else [self._handlers_idle]
+                await _first_of(events)
+                if hurry and self._hurry.is_set():
+                    break
+        return self._handlers == 0
+
+    async def _go_offline(self) -> None:
+        with anyio.move_on_after(OFFLINE_TIMEOUT):
+            await self._emit(
+                messages.AgentOffline(
+                    agent_id=self.agent_id, pool=self.pool, reason="shutdown", at=time.time()
+                )
+            )
+        self._publisher.close()
+
+    # -- deliveries --------------------------------------------------------------------------
+
+    async def _consume(self, work: TaskGroup) -> None:
+        async for message in self._intake.deliveries:
+            self._enter_handler()
+            work.start_soon(self._handle_guarded, message)
+
+    def _enter_handler(self) -> None:
+        self._handlers += 1
+        if self._handlers_idle is not None and self._handlers_idle.is_set():
+            self._handlers_idle = anyio.Event()
+
+    def _leave_handler(self) -> None:
+        self._handlers -= 1
+        if self._handlers == 0 and self._handlers_idle is not None:
+            self._handlers_idle.set()
+
+    async def _handle_guarded(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._handle(message)
+        except Exception:
+            log.exception(
+                "unexpected error handling a delivery; returning it unless already acked",
+                extra={"agent_id": self.agent_id},
+            )
+            await requeue(message)
+        finally:
+            self._leave_handler()
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        self.stats.received += 1
+        try:
+            task = messages.decode_task(message.body)
+            if task.pool != self.pool:
+                raise messages.MessageError(
+                    f"task {task.task_id} is for pool {task.pool!r}, but it reached the queue "
+                    f"of pool {self.pool!r}"
+                )
+        except messages.MessageError as exc:
+            await self._dead_letter(message, str(exc))
+            return
+        if self._intake.stopped:
+            await requeue(message)
+            self.stats.handed_back += 1
+            return
+        if task.expires_at is not None and task.expires_at <= time.time():
+            await self._finish_unstarted(
+                message, task, self._reporter.event(messages.Expired, task)
+            )
+            self.stats.expired += 1
+            self._log_task(logging.INFO, "task expired before it started", task)
+            return
+        refused = self._refusal(task)
+        if refused is not None:
+            await self._finish_unstarted(message, task, refused)
+            self.stats.not_allowed += 1
+            self._log_task(logging.WARNING, "task refused", task, reason=refused.message)
+            return
+        slot = await self._intake.acquire(message)
+        if slot is None:
+            self.stats.handed_back += 1
+            return
+        try:
+            await self._claim_and_run(message, task, slot)
+        finally:
+            slot.release()
+
+    def _refusal(self, task: messages.TaskMessage) -> messages.Failed | None:
+        if task.kind == "command" and not task.argv:
+            return self._reporter.failed(
+                task, "InvalidTask", "command task with an empty argv", retryable=False
+            )
+        target = task_target(task)
+        if not allowed(target, self.allow):
+            return self._reporter.failed(
+                task, "TargetNotAllowed", refusal(target, self.allow), retryable=False
+            )
+        return None
+
+    async def _finish_unstarted(
+        self, message: AbstractIncomingMessage, task: messages.TaskMessage, event: messages.Event
+    ) -> None:
+        await self._emit(event)
+        await self._ack(message, task)
+
+    async def _claim_and_run(
+        self, message: AbstractIncomingMessage, task: messages.TaskMessage, slot: Slot
+    ) -> None:
+        claim = await self._claim(task)
+        if claim is None:  # draining while Redis was unreachable
+            await requeue(message)
+            self.stats.handed_back += 1
+            return
+        if claim.outcome is Claim.DUPLICATE:
+            await self._ack(message, task)
+            self.stats.duplicates += 1
+            self._log_task(
+                logging.INFO, "duplicate delivery dropped", task, holder=claim.previous_holder
+            )
+            return
+        if claim.outcome is Claim.CANCELLED:
+            await self._ack(message, task)
+            self.stats.cancelled_before_start += 1
+            self._log_task(logging.INFO, "task cancelled before it started", task)
+            return
+        key = (task.task_id, task.attempt)
+        self._held.add(key)
+        if claim.previous_holder:
+            self._log_task(
+                logging.WARNING,
+                "took over the lease of a dead agent",
+                task,
+                previous_holder=claim.previous_holder,
+            )
+        if self._intake.stopped:
+            await self._abandon(task)
+            await requeue(message)
+            self.stats.handed_back += 1
+            return
+        attempt = Attempt(task)
+        self.attempts.add(attempt)
+        try:
+            await self._emit(self._reporter.event(messages.Started, task))
+            await self._ack(message, task)
+            self.stats.started += 1
+            self._log_task(logging.DEBUG, "task started", task)
+            event = await self._executor.execute(attempt)
+        finally:
+            self.attempts.remove(attempt)
+            slot.release()  # the next task may start while this one reports
+        if event is not None:
+            await self._emit(event)
+        self.stats.finished += 1
+        await self._release(task)
+
+    # -- claims and leases -------------------------------------------------------------------
+
+    async def _claim(self, task: messages.TaskMessage) -> ClaimResult | None:
+        delay = 0.1
+        while True:
+            try:
+                return await self._leases.claim(task.task_id, task.attempt)
+            except (RedisError, OSError) as exc:
+                if self._intake.stopped:
+                    return None
+                self._log_task(
+                    logging.WARNING,
+                    "cannot claim: Redis unreachable, retrying",
+                    task,
+                    error=str(exc),
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _release(self, task: messages.TaskMessage) -> None:
+        key = (task.task_id, task.attempt)
+        self._held.discard(key)
+        try:
+            await self._leases.release(*key)
+        except (RedisError, OSError):
+            self._leases.pending_releases.add(key)
+
+    async def _abandon(self, task: messages.TaskMessage) -> None:
+        """Give a claimed, unstarted attempt back: the next agent must be able to claim it."""
+        key = (task.task_id, task.attempt)
+        self._held.discard(key)
+        try:
+            await self._leases.abandon(*key)
+        except (RedisError, OSError) as exc:
+            self._log_task(logging.WARNING, "could not abandon the lease", task, error=str(exc))
+
+    def _on_lease_lost(self, lost: LostLease) -> None:
+        self._lease_lost(lost.task_id, lost.attempt, lost.holder)
+
+    def _lease_lost(self, task_id: str, attempt_no: int, holder: str | None) -> None:
+        """Another agent holds this attempt now (it took it over): stop ours, report nothing."""
+        self._held.discard((task_id, attempt_no))
+        attempt = self.attempts.get(task_id, attempt_no)
+        if attempt is None or not attempt.stop(StopReason.LEASE_LOST):
+            return
+        self.stats.leases_lost += 1
+        by = f" by {holder}" if holder else ""
+        self._log(
+            logging.WARNING,
+            f"lease for task {task_id} attempt {attempt_no} was taken over{by}; "
+            "stopped the attempt",
+            task_id=task_id,
+            attempt=attempt_no,
+            holder=holder,
+        )
+
+    # -- broker helpers ----------------------------------------------------------------------
+
+    async def _emit(self, event: messages.Event) -> None:
+        await self._publisher.emit(event)
+
+    async def _ack(
+        self, message: AbstractIncomingMessage, task: messages.TaskMessage | None
+    ) -> None:
+        try:
+            await message.ack()
+        except Exception as exc:
+            # The channel was lost: the broker redelivers, and the lease marks it a duplicate.
+            self._log(
+                logging.WARNING,
+                "ack failed; the broker will redeliver and the lease will mark it a duplicate",
+                error=repr(exc),
+                task_id=task.task_id if task else None,
+            )
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        published = await dead_letter(
+            self._dead_exchange, message, reason=reason, pool=self.pool, agent_id=self.agent_id
+        )
+        if not published:
+            await self._reject(message)
+            return
+        await self._ack(message, None)
+        self.stats.dead_lettered += 1
+        self._log(
+            logging.ERROR,
+            "unusable task message dead-lettered",
+            reason=reason,
+            queue=names.dead_queue(self.pool),
+        )
+
+    async def _reject(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.reject(requeue=False)
+        except Exception as exc:
+            self._log(logging.WARNING, "reject failed", error=repr(exc))
+
+    def _log_task(
+        self, level: int, event: str, task: messages.TaskMessage, **fields: object
+    ) -> None:
+        self._log(level, event, task_id=task.task_id, attempt=task.attempt, **fields)
+
+
+async def _first_of(events: Sequence[anyio.Event]) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
+
+
+def _asdict(stats: AgentStats) -> dict[str, object]:
+    return dict(stats.__dict__)
+
+
+def _safe_url(url: str) -> str:
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "(invalid URL)"
+    return str(parsed.with_password("***") if parsed.password else parsed)
+
+
+async def _close_quietly(closable: AbstractRobustConnection | AbstractChannel) -> None:
+    try:
+        await closable.close()
+    except Exception as exc:
+        log.debug("close failed", extra={"error": repr(exc)})

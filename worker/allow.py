@@ -1,0 +1,27 @@
+"""Which targets this agent may run: ``--allow`` glob patterns, matched case-sensitively."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
+from schemas.messages import TaskMessage
+
+
+def task_target(task: TaskMessage) -> str:
+    """What the patterns match: ``module:function``, or the program (argv[0]) of a command."""
+    if task.kind == "command" and task.argv:
+        return task.argv[0]
+    return task.target
+
+
+def allowed(target: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatchcase(target, pattern) for pattern in patterns)
+
+
+def refusal(target: str, patterns: Sequence[str]) -> str:
+    shown = ", ".join(repr(p) for p in patterns) or "(none)"
+    return (
+        f"target {target!r} is not allowed on this agent (allowed patterns: {shown}); "
+        "start the agent with an --allow pattern that matches it"
+    )

@@ -1,0 +1,213 @@
+"""A fixed pool of persistent child processes that run function tasks.
+
+Starting Python costs tens of milliseconds, so children live across tasks. A child that is
+interrupted mid-call (timeout, cancel, lease lost, shutdown) or that dies is killed with its
+whole process group and replaced in the background, so the pool always returns to full size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+from anyio.abc import Process, TaskGroup
+from anyio.streams.buffered import BufferedByteReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from . import protocol
+from .environment import task_environment
+
+log = logging.getLogger("rexec.agent.children")
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_RESPAWN_BACKOFF_MAX = 5.0
+
+
+class ChildDied(Exception):
+    """The child exited (or closed its pipes) while it ran a call."""
+
+
+class Child:
+    """One child process and its frame pipes."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        assert process.stdin is not None and process.stdout is not None
+        self._stdin = process.stdin
+        self._stdout = BufferedByteReceiveStream(process.stdout)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def call(self, call: protocol.Call) -> protocol.Outcome:
+        try:
+            await self._stdin.send(protocol.frame(call))
+            header = await self._stdout.receive_exactly(protocol.HEADER_BYTES)
+            body = await self._stdout.receive_exactly(protocol.frame_length(header))
+        except (
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            anyio.EndOfStream,
+            anyio.IncompleteRead,
+            OSError,
+        ) as exc:
+            raise ChildDied(str(exc) or type(exc).__name__) from None
+        return protocol.outcome_decoder.decode(body)
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group now: no await, so it is safe while cancelled."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    async def reap(self) -> int | None:
+        with anyio.CancelScope(shield=True):
+            code = await self.process.wait()
+            with contextlib.suppress(Exception):
+                await self.process.aclose()
+        return code
+
+
+class ChildPool:
+    """Hands out idle children; ``call`` runs one call in one of them, cancellation-safe."""
+
+    def __init__(self, size: int, max_result_bytes: int, task_group: TaskGroup) -> None:
+        self.size = size
+        self.max_result_bytes = max_result_bytes
+        self._tg = task_group
+        send, receive = anyio.create_memory_object_stream[Child](size)
+        self._idle_send: MemoryObjectSendStream[Child] = send
+        self._idle_receive: MemoryObjectReceiveStream[Child] = receive
+        self._all: set[Child] = set()
+        self._closing = False
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "worker.child",
+            "--max-result-bytes",
+            str(self.max_result_bytes),
+            "--parent",
+            str(os.getpid()),
+        ]
+
+    def _env(self) -> dict[str, str]:
+        env = task_environment()
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if _PACKAGE_ROOT not in paths:
+            paths.append(_PACKAGE_ROOT)
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        return env
+
+    async def spawn(self) -> Child:
+        process = await anyio.open_process(
+            self.argv(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=self._env(),
+            start_new_session=True,
+        )
+        child = Child(process)
+        self._all.add(child)
+        log.debug("child started", extra={"pid": child.pid})
+        return child
+
+    async def start(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.size):
+                tg.start_soon(self._add_new)
+
+    async def _add_new(self) -> None:
+        delay = 0.1
+        while not self._closing:
+            try:
+                child = await self.spawn()
+            except OSError as exc:
+                log.error("cannot start a child process", extra={"error": str(exc)})
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _RESPAWN_BACKOFF_MAX)
+                continue
+            self._idle_send.send_nowait(child)
+            return
+
+    async def call(self, call: protocol.Call) -> protocol.Outcome:
+        """Run ``call`` in an idle child. On cancellation the child is killed and replaced."""
+        child = await self._idle_receive.receive()
+        while child.process.returncode is not None:  # died while idle (OOM killer, ...)
+            log.warning("idle child had exited; replacing it", extra={"pid": child.pid})
+            self._replace(child)
+            child = await self._idle_receive.receive()
+        healthy = False
+        try:
+            outcome = await child.call(call)
+            healthy = True
+            return outcome
+        except ChildDied as exc:
+            code = None
+            with anyio.move_on_after(1.0, shield=True):
+                code = await child.process.wait()
+            raise ChildDied(_describe_exit(code, str(exc))) from None
+        finally:
+            if healthy:
+                self._idle_send.send_nowait(child)
+            else:
+                self._replace(child)
+
+    def _replace(self, child: Child) -> None:
+        child.kill()
+        self._all.discard(child)
+        self._tg.start_soon(self._reap_and_respawn, child)
+
+    async def _reap_and_respawn(self, child: Child) -> None:
+        code = await child.reap()
+        log.debug("child replaced", extra={"pid": child.pid, "exit_code": code})
+        await self._add_new()
+
+    async def aclose(self) -> None:
+        """Close the children's stdin (they exit), then kill any that linger."""
+        self._closing = True
+        children = list(self._all)
+        self._all.clear()
+        for child in children:
+            with contextlib.suppress(Exception):
+                await child.process.stdin.aclose()  # type: ignore[union-attr]
+        with anyio.move_on_after(2.0, shield=True):
+            for child in children:
+                await child.process.wait()
+        for child in children:
+            child.kill()
+            await child.reap()
+
+
+def _describe_exit(code: int | None, detail: str) -> str:
+    if code is None:
+        return f"the child process running the task stopped answering ({detail})"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the child process running the task was killed by {name}"
+    return f"the child process running the task exited with code {code}"
+
+
+@contextlib.asynccontextmanager
+async def open_child_pool(size: int, max_result_bytes: int) -> AsyncIterator[ChildPool]:
+    """A started pool; every child is gone when the block exits."""
+    async with anyio.create_task_group() as tg:
+        pool = ChildPool(size, max_result_bytes, tg)
+        try:
+            await pool.start()
+            yield pool
+        finally:
+            await pool.aclose()
+            tg.cancel_scope.cancel()

@@ -1,0 +1,65 @@
+"""Command tasks: run an argv in its own process group and keep the tail of its output.
+
+The process group lets the agent kill the command together with anything it started, which
+is what a timeout or a cancel must do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+
+import anyio
+import msgspec
+
+from . import protocol
+from .environment import task_environment
+
+OUTPUT_TAIL = protocol.TRACEBACK_TAIL
+
+_json = msgspec.json.Encoder()
+
+
+async def run_command(argv: list[str]) -> protocol.Outcome:
+    """Run to completion; on cancellation (timeout, cancel) kill the whole group first."""
+    try:
+        process = await anyio.open_process(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=task_environment(),
+        )
+    except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
+        return protocol.failure(
+            "TargetNotFound",
+            f"cannot run command {argv[0]!r}: {exc.strerror or exc}",
+            retryable=False,
+        )
+    tail = bytearray()
+    finished = False
+    try:
+        assert process.stdout is not None
+        async for chunk in process.stdout:
+            tail += chunk
+            if len(tail) > OUTPUT_TAIL:
+                del tail[: len(tail) - OUTPUT_TAIL]
+        code = await process.wait()
+        finished = True
+    finally:
+        if not finished:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+        with anyio.CancelScope(shield=True):
+            await process.wait()
+            with contextlib.suppress(Exception):
+                await process.aclose()
+    output = tail.decode(errors="replace")
+    if code != 0:
+        return protocol.failure(
+            "CommandFailed", f"exit code {code}", traceback=output, retryable=True
+        )
+    return protocol.success(_json.encode({"exit_code": code, "output": output}))

@@ -1,0 +1,104 @@
+"""Runs one attempt (a function in a child, or a command) and says how it ended, as an event.
+
+The attempt runs inside its cancel scope: the deadline is the task's timeout, and a stop
+(cancel, lease lost, shutdown) cancels the scope. Either way the runner kills the process, and
+the stop reason, or the deadline, decides the event.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import anyio
+
+from schemas import messages
+
+from . import protocol
+from .attempts import Attempt, StopReason
+from .children import ChildDied, ChildPool
+from .command import run_command
+from .reports import Reporter
+
+log = logging.getLogger("rexec.agent.execution")
+
+
+class Executor:
+    def __init__(self, children: ChildPool, reporter: Reporter) -> None:
+        self.children = children
+        self.reporter = reporter
+
+    async def execute(self, attempt: Attempt) -> messages.TaskEvent | None:
+        """The attempt's terminal event, or None when it is no longer ours to report."""
+        task = attempt.task
+        outcome: protocol.Outcome | None = None
+        with attempt.scope:
+            if task.timeout is not None:
+                attempt.scope.deadline = anyio.current_time() + task.timeout
+            outcome = await self._run(task)
+        if outcome is not None:
+            return self._from_outcome(task, outcome)
+        return self._from_stop(task, attempt.stop_reason)
+
+    async def _run(self, task: messages.TaskMessage) -> protocol.Outcome:
+        try:
+            if task.kind == "command":
+                return await run_command(task.argv)
+            return await self.children.call(
+                protocol.Call(target=task.target, args=task.args, kwargs=task.kwargs)
+            )
+        except ChildDied as exc:
+            self._log(logging.ERROR, "child process died", task, error=str(exc))
+            return protocol.failure("WorkerCrashed", str(exc), retryable=True)
+        except Exception as exc:  # a bug of ours must still end the attempt, retryably
+            log.exception("agent error running the attempt", extra=self._ids(task))
+            return protocol.failure(
+                "AgentError",
+                f"the agent failed while running the attempt: {exc!r}",
+                traceback.format_exc(),
+                retryable=True,
+            )
+
+    def _from_outcome(
+        self, task: messages.TaskMessage, outcome: protocol.Outcome
+    ) -> messages.TaskEvent:
+        if outcome.ok:
+            return self.reporter.event(messages.Succeeded, task, result=outcome.result)
+        self._log(logging.INFO, "task failed", task, error_type=outcome.error_type)
+        return self.reporter.failed(
+            task,
+            outcome.error_type,
+            outcome.message,
+            retryable=outcome.retryable,
+            traceback=outcome.traceback,
+        )
+
+    def _from_stop(
+        self, task: messages.TaskMessage, reason: StopReason | None
+    ) -> messages.TaskEvent | None:
+        if reason is None:  # the deadline cancelled the scope
+            assert task.timeout is not None
+            self._log(logging.INFO, "task timed out and was killed", task, timeout=task.timeout)
+            return self.reporter.event(messages.TimedOut, task, timeout=task.timeout)
+        if reason is StopReason.CANCEL:
+            self._log(logging.INFO, "task cancelled and killed", task)
+            return self.reporter.event(messages.Cancelled, task)
+        if reason is StopReason.SHUTDOWN:
+            return self.reporter.failed(
+                task,
+                "AgentShutdown",
+                f"agent {self.reporter.agent_id} shut down before the attempt finished; "
+                "it is retried on another agent",
+                retryable=True,
+            )
+        return None  # LEASE_LOST: the attempt is another agent's now; that agent reports
+
+    def _ids(self, task: messages.TaskMessage) -> dict[str, object]:
+        return {
+            "agent_id": self.reporter.agent_id,
+            "task_id": task.task_id,
+            "attempt": task.attempt,
+        }
+
+    def _log(self, level: int, event: str, task: messages.TaskMessage, **fields: object) -> None:
+        log.log(level, event, extra={**self._ids(task), **fields})

@@ -1,0 +1,101 @@
+"""The agent's heartbeat: its Redis key says it is alive; each beat also re-asserts its leases.
+
+The key (``SET ... EX ttl``) is refreshed three times per TTL, so one slow beat is not a death.
+A Redis outage is logged and survived: the dispatcher's watchdog pauses while Redis is down,
+and the next successful beat recreates whatever a restarted Redis lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import anyio
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from schemas.names import RedisKeys
+
+from .leases import LeaseStore, LostLease
+
+log = logging.getLogger("rexec.agent.heartbeat")
+
+_json = msgspec.json.Encoder()
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        keys: RedisKeys,
+        leases: LeaseStore,
+        agent_id: str,
+        pool: str,
+        hostname: str,
+        ttl: float,
+        held: Callable[[], list[tuple[str, int]]],
+        running: Callable[[], int],
+        on_lost: Callable[[LostLease], None],
+    ) -> None:
+        self.redis = redis
+        self.key = keys.agent(agent_id)
+        self.leases = leases
+        self.agent_id = agent_id
+        self.pool = pool
+        self.hostname = hostname
+        self.ttl = ttl
+        self.interval = ttl / 3
+        self._held = held
+        self._running = running
+        self._on_lost = on_lost
+        self.beats = 0
+
+    async def beat(self) -> None:
+        """One beat; raises ``RedisError`` or ``OSError`` when Redis cannot be reached."""
+        value = _json.encode(
+            {
+                "pool": self.pool,
+                "hostname": self.hostname,
+                "pid": os.getpid(),
+                "at": time.time(),
+                "running": self._running(),
+            }
+        )
+        await self.redis.set(self.key, value, px=max(1, int(self.ttl * 1000)))
+        for lost in await self.leases.reassert(self._held()):
+            self._on_lost(lost)
+        await self.leases.release_pending()
+        self.beats += 1
+
+    async def run(self) -> None:
+        """Beat forever; the caller cancels it."""
+        failing = False
+        while True:
+            await anyio.sleep(self.interval)
+            try:
+                await self.beat()
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning(
+                        "heartbeat failed: Redis unreachable, retrying",
+                        extra={"agent_id": self.agent_id, "error": str(exc)},
+                    )
+                failing = True
+                continue
+            if failing:
+                log.info("heartbeat restored", extra={"agent_id": self.agent_id})
+            failing = False
+
+    async def stop(self) -> None:
+        """Delete the key: the dispatcher sees at once that this agent is gone."""
+        try:
+            await self.redis.delete(self.key)
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "could not delete the heartbeat key; it expires by itself",
+                extra={"agent_id": self.agent_id, "error": str(exc)},
+            )
