@@ -32,6 +32,10 @@ from .runtime import Runtime
 log = logging.getLogger("rexec.watchdog")
 
 LEASE_TOMBSTONE_TTL = 86_400
+CLOSE_RETRY_FOR = 12.0
+AGENT_LOST_ERROR = (
+    '{"type": "AgentLost", "message": "the agent running this attempt stopped heartbeating"}'
+)
 
 
 class RedisGate:
@@ -70,16 +74,18 @@ class Watchdog:
         interval = rt.settings.watchdog_interval
         self.lease = LeaderLease(rt.sessions, "watchdog", self.replica, ttl=max(3 * interval, 3.0))
         self.gate = RedisGate(rt)
+        self._background: anyio.abc.TaskGroup
 
     async def run(self) -> None:
         try:
-            while True:
-                try:
-                    if await self.lease.acquire():
-                        await self.tick()
-                except Exception:
-                    log.exception("watchdog tick failed; trying again next interval")
-                await anyio.sleep(self.rt.settings.watchdog_interval)
+            async with anyio.create_task_group() as self._background:
+                while True:
+                    try:
+                        if await self.lease.acquire():
+                            await self.tick()
+                    except Exception:
+                        log.exception("watchdog tick failed; trying again next interval")
+                    await anyio.sleep(self.rt.settings.watchdog_interval)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.lease.release()
@@ -109,6 +115,16 @@ class Watchdog:
                 await self.agent_lost(agent_id)
 
     async def agent_lost(self, agent_id: str) -> None:
+        """Cut the agent off, then hand its attempts back as new attempts.
+
+        Its connection is closed first, so the new attempts cannot be delivered to a hung
+        agent whose open prefetch window would swallow them.
+        """
+        async with self.rt.sessions() as session:
+            agent = await session.get(Agent, agent_id)
+        closed = False
+        if agent is not None:
+            closed = await self.cut_off(agent.pool, agent_id)
         now = time.time()
         stopped: list[tuple[str, int]] = []
         async with self.rt.sessions.begin() as session:
@@ -119,29 +135,45 @@ class Watchdog:
                     select(Task).where(Task.state == TaskState.RUNNING, Task.agent_id == agent_id)
                 )
             ).all()
-            agent = await session.get(Agent, agent_id)
             for task in tasks:
                 decision = statemachine.on_agent_lost(transitions.snapshot(task), agent_id)
                 if isinstance(decision, statemachine.Transition):
                     stopped.append((task.id, task.attempt))
                     if decision.retry_in is not None:
                         self.rt.metrics.requeues.labels("agent_lost").inc()
-                    error = '{"type": "AgentLost", "message": "the agent running this attempt stopped heartbeating"}'
-                    transitions.apply(session, task, decision, now, error_json=error)
-            if agent is not None:
-                agent.state = "lost"
+                    transitions.apply(session, task, decision, now, error_json=AGENT_LOST_ERROR)
+            row = await session.get(Agent, agent_id)
+            if row is not None:
+                row.state = "lost"
         if not stopped:
             return
         log.warning(
             "agent lost: its attempts were handed back",
-            extra={"agent_id": agent_id, "tasks": [t for t, _ in stopped]},
+            extra={
+                "agent_id": agent_id,
+                "tasks": [t for t, _ in stopped],
+                "connection_closed": closed,
+            },
         )
         self.rt.wake_relay()
         await self.stop_attempts(agent_id, stopped)
-        if agent is not None:
-            await close_agent_connections(
-                self.rt.settings, agent.pool, agent_id, "rexec: agent stopped heartbeating"
-            )
+        if agent is not None and not closed:
+            self._background.start_soon(self.keep_cutting_off, agent.pool, agent_id)
+
+    async def cut_off(self, pool: str, agent_id: str) -> bool:
+        closed = await close_agent_connections(
+            self.rt.settings, pool, agent_id, "rexec: agent stopped heartbeating"
+        )
+        return closed > 0
+
+    async def keep_cutting_off(self, pool: str, agent_id: str) -> None:
+        """The management API lists a connection only after its first stats emission (about
+        5 s): a young agent's connection may not be listed yet, so look again for a while."""
+        deadline = anyio.current_time() + CLOSE_RETRY_FOR
+        while anyio.current_time() < deadline:
+            await anyio.sleep(1.0)
+            if await self.cut_off(pool, agent_id):
+                return
 
     async def backstop_timeouts(self) -> None:
         """Attempts past their timeout by more than a TTL: the agent failed to enforce it."""

@@ -6,6 +6,7 @@ their own on other ports, started once per test session and stopped at its end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,8 +19,17 @@ import redis
 from tests.support import free_port, wait_until
 
 
-def _run(argv: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False)
+def _run(
+    argv: list[str], env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 class PrivateRabbit:
@@ -66,8 +76,22 @@ class PrivateRabbit:
     def start(self) -> None:
         result = _run(["rabbitmq-server", "-detached"], self.env)
         assert result.returncode == 0, f"rabbitmq-server did not start: {result.stderr}"
-        waited = _run(["rabbitmqctl", "-n", self.node, "wait", self.env["RABBITMQ_PID_FILE"], "--timeout", "60"], self.env, 90)
-        assert waited.returncode == 0, f"{self.node} did not come up: {waited.stdout}{waited.stderr}"
+        waited = _run(
+            [
+                "rabbitmqctl",
+                "-n",
+                self.node,
+                "wait",
+                self.env["RABBITMQ_PID_FILE"],
+                "--timeout",
+                "60",
+            ],
+            self.env,
+            90,
+        )
+        assert waited.returncode == 0, (
+            f"{self.node} did not come up: {waited.stdout}{waited.stderr}"
+        )
 
     def stop(self) -> None:
         _run(["rabbitmqctl", "-n", self.node, "stop", self.env["RABBITMQ_PID_FILE"]], self.env, 60)
@@ -94,9 +118,25 @@ class PrivateRedis:
 
     def start(self) -> None:
         subprocess.run(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "yes", "--dir", str(self.dir), "--pidfile", str(self.dir / "redis.pid")],
-            check=True, capture_output=True,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "yes",
+                "--dir",
+                str(self.dir),
+                "--pidfile",
+                str(self.dir / "redis.pid"),
+            ],
+            check=True,
+            capture_output=True,
         )
         client = redis.Redis.from_url(self.url)
         wait_until(lambda: _pings(client), 10, "the private redis")
@@ -104,12 +144,12 @@ class PrivateRedis:
 
     def stop(self) -> None:
         client = redis.Redis.from_url(self.url)
-        try:
+        with contextlib.suppress(redis.ConnectionError, redis.ResponseError):
             client.shutdown(nosave=True)
-        except (redis.ConnectionError, redis.ResponseError):
-            pass
         client.close()
-        wait_until(lambda: not _pings(redis.Redis.from_url(self.url)), 10, "the private redis to stop")
+        wait_until(
+            lambda: not _pings(redis.Redis.from_url(self.url)), 10, "the private redis to stop"
+        )
 
     def restart(self) -> None:
         self.stop()

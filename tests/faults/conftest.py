@@ -1,0 +1,53 @@
+"""Fault tests: real dispatcher and agent processes, real faults, assertions on the database.
+
+Heartbeats are short here (TTL 2 s, watchdog every 0.5 s) so failover happens in seconds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from schemas.api import TaskState, TaskView
+from schemas.settings import Settings, load_settings
+from tests.conftest import REDIS_URL
+from tests.e2e.conftest import Plane
+
+FAST = {"heartbeat_ttl": 2.0, "watchdog_interval": 0.5}
+ALLOW = ["--allow", "tests.tasks:*", "--allow", "tests.faults.tasks:*"]
+
+
+@pytest.fixture
+def fault_settings(sqlite_url: str, amqp_url: str, redis_prefix: str) -> Settings:
+    return load_settings(
+        {},
+        database_url=sqlite_url,
+        amqp_url=amqp_url,
+        redis_url=REDIS_URL,
+        redis_prefix=f"{redis_prefix}-{uuid.uuid4().hex[:6]}",
+        **FAST,
+    )
+
+
+@pytest.fixture
+def plane(fault_settings: Settings, tmp_path: Path) -> Iterator[Plane]:
+    plane = Plane(fault_settings, tmp_path)
+    yield plane
+    plane.close()
+
+
+def assert_each_terminal_once(plane: Plane, tasks: list[TaskView]) -> None:
+    """Every task ended, and its history holds exactly one terminal transition."""
+    terminal = {s.value for s in TaskState if s.terminal}
+    for task in tasks:
+        assert task.state.terminal, f"task {task.id} is still {task.state}"
+        ends = [h for h in plane.client.history(task.id) if h.to_state in terminal]
+        assert len(ends) == 1, f"task {task.id} ended {len(ends)} times: {ends}"
+
+
+def with_settings(settings: Settings, **changes: object) -> Settings:
+    return msgspec.structs.replace(settings, **changes)

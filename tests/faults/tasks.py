@@ -1,0 +1,38 @@
+"""Task functions for fault tests: each leaves evidence a test can check from outside."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def slow_once(marker: str, seconds: float = 60.0) -> int:
+    """The first attempt writes its pid to ``marker`` and runs long; later attempts are quick.
+
+    A test can then tell the first attempt (which it disturbs) from the retry, and check that
+    the first attempt's process was stopped.
+    """
+    path = Path(marker)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return 2
+    with os.fdopen(fd, "w") as file:
+        file.write(str(os.getpid()))
+    time.sleep(seconds)
+    return 1
+
+
+def record(directory: str, name: str, seconds: float) -> str:
+    """Sleep, then leave a file per execution, so runs of the same task can be counted."""
+    time.sleep(seconds)
+    Path(directory, f"{name}.{os.getpid()}.{time.monotonic_ns()}").touch()
+    return name
+
+
+def kill_agent() -> None:
+    """A poison task: it kills the agent running it (the child's parent), every time."""
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(30)
