@@ -39,11 +39,14 @@ class Plane:
         self.dispatcher = self.start_dispatcher()
         self.client = RexecClient(self.settings.api_url)
 
-    def start_dispatcher(self) -> Process:
-        process = self._start(["rexec", "serve"], "dispatcher", {})
+    def start_dispatcher(self, api_port: int | None = None) -> Process:
+        """A ``rexec serve``; another replica when ``api_port`` differs from the first's."""
+        port = api_port or self.settings.api_port
+        env = {"REXEC_API_PORT": str(port)}
+        process = self._start(["rexec", "serve"], "dispatcher", env)
         wait_until(
             lambda: (
-                http_ready(f"{self.settings.api_url}/healthz") or process.popen.poll() is not None
+                http_ready(f"http://127.0.0.1:{port}/healthz") or process.popen.poll() is not None
             ),
             30,
             "the dispatcher's API",

@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from client import RexecClient
 from schemas.api import TaskState, TaskView
 from schemas.settings import Settings, load_settings
 from tests.conftest import REDIS_URL
@@ -40,12 +41,13 @@ def plane(fault_settings: Settings, tmp_path: Path) -> Iterator[Plane]:
     plane.close()
 
 
-def assert_each_terminal_once(plane: Plane, tasks: list[TaskView]) -> None:
+def assert_each_terminal_once(plane: Plane | RexecClient, tasks: list[TaskView]) -> None:
     """Every task ended, and its history holds exactly one terminal transition."""
     terminal = {s.value for s in TaskState if s.terminal}
     for task in tasks:
         assert task.state.terminal, f"task {task.id} is still {task.state}"
-        ends = [h for h in plane.client.history(task.id) if h.to_state in terminal]
+        client = plane.client if isinstance(plane, Plane) else plane
+        ends = [h for h in client.history(task.id) if h.to_state in terminal]
         assert len(ends) == 1, f"task {task.id} ended {len(ends)} times: {ends}"
 
 
