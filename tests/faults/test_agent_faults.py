@@ -234,3 +234,42 @@ def test_sigterm_drains_finishes_short_tasks_and_hands_back_long_ones(
         a for a in plane.client.list_agents(pool=pool_name) if a.id == done[short[0]].agent_id
     ]
     assert victim_row and victim_row[0].state == "offline"
+
+
+def test_a_long_task_does_not_hold_its_delivery(
+    plane: Plane, pool_name: str, tmp_path: Path
+) -> None:
+    """RabbitMQ's consumer_timeout closes the channel of a consumer holding a delivery unacked
+    too long, and the delivery goes back to the queue. An agent acks once the task started, so
+    closing its connection mid-run (what the timeout would do) neither restarts nor loses it."""
+    plane.client.create_pool(pool_name)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    first = plane.start_agent(pool_name, "--concurrency", "1", *ALLOW, name="first")
+    online(plane, pool_name, 1)
+    task = plane.client.submit(
+        pool_name, "tests.faults.tasks:record", args=[str(runs), "long", 8.0]
+    )
+    [holder] = running_on(plane, [task.id])
+    plane.start_agent(pool_name, "--concurrency", "1", *ALLOW, name="second")
+    online(plane, pool_name, 2)
+
+    closed = wait_until(
+        lambda: close_connections_of(plane, holder), 15, "the agent's connection to close"
+    )
+    assert closed >= 1
+    [done] = plane.client.wait([task.id], timeout=60)
+    assert (done.state, done.attempt, done.agent_id) == (TaskState.SUCCEEDED, 1, holder)
+    assert len(list(runs.iterdir())) == 1, "the task ran once: its delivery was not redelivered"
+    assert first.popen.poll() is None, "the agent survived losing its connection"
+
+
+def close_connections_of(plane: Plane, agent_id: str) -> int:
+    import anyio
+
+    from dispatcher.management import close_agent_connections
+
+    pool = next(a.pool for a in plane.client.list_agents() if a.id == agent_id)
+    return anyio.run(
+        close_agent_connections, plane.settings, pool, agent_id, "test: as consumer_timeout would"
+    )
