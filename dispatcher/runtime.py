@@ -53,6 +53,8 @@ class Runtime:
         await topology.declare_agent_queue(self.channel, agent_id)
 
     async def publish_control(self, agent_id: str, control: messages.Control) -> None:
+        """Tell one agent to stop an attempt. Not mandatory: an agent whose control queue is
+        gone has stopped, and has nothing left to stop."""
         exchange = await self.exchange(names.CONTROL_EXCHANGE)
         await exchange.publish(
             aio_pika.Message(
@@ -61,6 +63,7 @@ class Runtime:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
             routing_key=agent_id,
+            mandatory=False,
         )
 
 
