@@ -143,15 +143,8 @@ def follow(client: RexecClient, total: int, began: float) -> float:
 
 
 def summarise(views: list[TaskView], began: float, finished: float) -> None:
-    table = Table(title="tasks by pool and state")
-    for column in (
-        "pool",
-        "state",
-        "tasks",
-        "attempts",
-        "submit→start p50/p95/p99 ms",
-        "submit→end p50/p95/p99 ms",
-    ):
+    table = Table(title="tasks by pool and state (latencies from submission: p50 / p95 / p99)")
+    for column in ("pool", "state", "tasks", "attempts", "to start ms", "to end ms"):
         table.add_column(column, justify="right" if column != "pool" else "left")
     groups: dict[tuple[str, str], list[TaskView]] = {}
     for view in views:
