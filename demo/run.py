@@ -143,7 +143,7 @@ def follow(client: RexecClient, total: int, began: float) -> float:
 
 
 def summarise(views: list[TaskView], began: float, finished: float) -> None:
-    table = Table(title="tasks by pool and state (latencies from submission: p50 / p95 / p99)")
+    table = Table(title="tasks by pool and state (ms from submission: p50/p95/p99)")
     for column in ("pool", "state", "tasks", "attempts", "to start ms", "to end ms"):
         table.add_column(column, justify="right" if column != "pool" else "left")
     groups: dict[tuple[str, str], list[TaskView]] = {}
@@ -171,7 +171,7 @@ def pct(samples: list[float]) -> str:
     def at(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
-    return f"{at(0.5):.0f} / {at(0.95):.0f} / {at(0.99):.0f}"
+    return f"{at(0.5):.0f}/{at(0.95):.0f}/{at(0.99):.0f}"
 
 
 def reset_vhost() -> None:
