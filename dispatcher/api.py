@@ -37,6 +37,7 @@ from litestar.status_codes import (
 )
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from schemas import tracing
 from schemas.api import (
     API_PREFIX,
     AgentRegister,
@@ -86,18 +87,20 @@ _ERRORS = {
 
 
 async def submit_task(
-    rt: NamedDependency[Runtime], data: JSONBody[SubmitTask]
+    rt: NamedDependency[Runtime], data: JSONBody[SubmitTask], request: Request[Any, Any, Any]
 ) -> Response[TaskView]:
     """Submit a task. 201 when created; 200 when its idempotency key matched an existing task."""
-    view, created = await service.submit(rt, data)
+    with tracing.parent_from(request.headers):
+        view, created = await service.submit(rt, data)
     return Response(view, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
 
 async def submit_batch(
-    rt: NamedDependency[Runtime], data: JSONBody[SubmitBatch]
+    rt: NamedDependency[Runtime], data: JSONBody[SubmitBatch], request: Request[Any, Any, Any]
 ) -> SubmitBatchResult:
     """Submit many tasks in one transaction; ids come back in order."""
-    return SubmitBatchResult(ids=await service.submit_batch(rt, data.tasks))
+    with tracing.parent_from(request.headers):
+        return SubmitBatchResult(ids=await service.submit_batch(rt, data.tasks))
 
 
 async def wait_tasks(rt: NamedDependency[Runtime], data: JSONBody[WaitTasks]) -> WaitResult:

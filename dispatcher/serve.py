@@ -7,6 +7,7 @@ import logging
 import anyio
 import uvicorn
 
+from schemas import tracing
 from schemas.settings import Settings
 
 from . import logs
@@ -44,5 +45,9 @@ async def serve(settings: Settings) -> None:
 
 def main(settings: Settings) -> None:
     logs.configure()
+    tracing.configure("rexec-dispatcher")
     upgrade(settings.database_url)
-    anyio.run(serve, settings)
+    try:
+        anyio.run(serve, settings)
+    finally:
+        tracing.shutdown()

@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from schemas import messages
+from schemas import messages, tracing
 from schemas.api import (
     TERMINAL_STATES,
     AgentRegister,
@@ -209,8 +209,9 @@ def _task_row(body: SubmitTask, settings: Settings, now: float) -> dict[str, Any
     key = body.idempotency_key
     if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
         raise Invalid(f"idempotency_key must be 1 to {IDEMPOTENCY_KEY_MAX} characters long")
+    task_id = uuid.uuid4().hex
     return {
-        "id": uuid.uuid4().hex,
+        "id": task_id,
         "pool": body.pool,
         "kind": kind,
         "target": target,
@@ -228,6 +229,7 @@ def _task_row(body: SubmitTask, settings: Settings, now: float) -> dict[str, Any
         "result_json": None,
         "error_json": None,
         "cancel_requested": False,
+        "trace_parent": tracing.task_created(task_id, body.pool, target),
         "created_at": now,
         "started_at": None,
         "finished_at": None,

@@ -8,11 +8,16 @@ and no context is injected into messages.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
+
+_enabled: bool | None = None
 
 _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
@@ -25,9 +30,16 @@ def enabled() -> bool:
     return any(os.environ.get(name) for name in _ENDPOINT_VARIABLES)
 
 
+def active() -> bool:
+    """Whether this process exports spans (decided once, by ``configure``)."""
+    return bool(_enabled)
+
+
 def configure(service_name: str) -> None:
     """Install an OTLP/HTTP exporter when the environment asks for one."""
-    if not enabled():
+    global _enabled
+    _enabled = enabled()
+    if not _enabled:
         return
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
@@ -72,3 +84,42 @@ def current_traceparent() -> str | None:
 
 def context_from_traceparent(traceparent: str | None) -> Context | None:
     return propagate.extract({"traceparent": traceparent}) if traceparent else None
+
+
+def messaging_attributes(destination: str, operation: str, message_id: str) -> dict[str, str]:
+    """OpenTelemetry messaging semantic conventions for RabbitMQ."""
+    return {
+        "messaging.system": "rabbitmq",
+        "messaging.destination.name": destination,
+        "messaging.operation.type": operation,
+        "messaging.message.id": message_id,
+    }
+
+
+def task_created(task_id: str, pool: str, target: str) -> str | None:
+    """Open and close the task's ``create`` span; return its context to store with the task.
+
+    Every later span of the task (each attempt's publish, the agent's processing, the
+    recording of results) is parented to it, so one task is one trace. None when tracing is off.
+    """
+    if not _enabled:
+        return None
+    attributes = messaging_attributes("rexec.tasks", "create", task_id)
+    attributes.update({"rexec.task.id": task_id, "rexec.pool": pool, "rexec.target": target})
+    with tracer("rexec.dispatcher").start_as_current_span(
+        f"create {pool}", kind=SpanKind.PRODUCER, attributes=attributes
+    ):
+        return current_traceparent()
+
+
+@contextmanager
+def parent_from(headers: Mapping[str, Any] | None) -> Iterator[None]:
+    """Make the caller's W3C context (e.g. an HTTP request's) the parent of spans inside."""
+    if not _enabled:
+        yield
+        return
+    token = otel_context.attach(extract(headers))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)

@@ -89,6 +89,8 @@ class Task(Base):
     result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    trace_parent: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """W3C ``traceparent`` of the task's creation: every span of the task joins its trace."""
     created_at: Mapped[float] = mapped_column(Double)
     started_at: Mapped[float | None] = mapped_column(Double, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Double, nullable=True)
