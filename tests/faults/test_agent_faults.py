@@ -53,9 +53,13 @@ def stale_events(plane: Plane) -> float:
 
 
 def failover_bound(plane: Plane, work: float) -> float:
-    """Detection (TTL + one watchdog interval) + a second to restart + the work + slack."""
+    """Detection (TTL + one watchdog interval) and restart, with room for a loaded CI machine.
+
+    Far below the minutes a broker heartbeat takes, which is what this replaces; the precise
+    figures are measured by ``bench/failover.py``, not asserted here.
+    """
     s = plane.settings
-    return s.heartbeat_ttl + s.watchdog_interval + 1.0 + work + 3.0
+    return s.heartbeat_ttl + s.watchdog_interval + work + 10.0
 
 
 def start_victim(plane: Plane, pool: str, concurrency: int = 4) -> Process:
@@ -226,9 +230,11 @@ def test_sigterm_drains_finishes_short_tasks_and_hands_back_long_ones(
         (done[i].state, done[i].result, done[i].attempt) == (TaskState.SUCCEEDED, 2, 2)
         for i in long
     )
-    assert elapsed < 3 + 3.0, (
-        f"hand-back took {elapsed:.1f}s: it must not wait for the heartbeat to expire"
-    )
+    # Handed back by the agent itself (AgentShutdown), not found dead by the watchdog.
+    for task_id in long:
+        reasons = [h.reason for h in plane.client.history(task_id) if h.to_state == "queued"]
+        assert reasons[-1] == "AgentShutdown", reasons
+    assert elapsed < 3 + 10.0, f"hand-back took {elapsed:.1f}s"
     assert_each_terminal_once(plane, list(done.values()))
     victim_row = [
         a for a in plane.client.list_agents(pool=pool_name) if a.id == done[short[0]].agent_id
