@@ -34,7 +34,7 @@ CHARTS := rexec-agent rexec
 K8S_VERSIONS ?= 1.27 1.35
 RENDERED := .cache/deploy-check
 
-.PHONY: help venv services lint typecheck test pytest demo format clean deploy-check helm
+.PHONY: help venv services lint typecheck test pytest demo bench format clean deploy-check helm
 
 help: ## list the targets
 	@echo "rexec: make <target>"
@@ -123,6 +123,11 @@ deploy-check: venv $(HELM) ## lint, render and validate the Helm charts; validat
 
 demo: venv services ## run the demo: a dispatcher, two agents, a few thousand tasks
 	$(BIN)/python -m demo.run
+
+bench: venv services ## benchmarks: rexec beside Celery, Dramatiq and bare aio-pika (slow; not in test)
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -r bench/requirements.txt
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.failover
 
 format: venv ## ruff format and ruff check --fix
 	$(BIN)/ruff format $(CODE_DIRS)

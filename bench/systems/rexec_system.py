@@ -1,0 +1,179 @@
+"""rexec in the benchmark: ``rexec serve`` plus one ``rexec-agent`` per worker process.
+
+The dispatcher is rexec's orchestration plane (what RabbitMQ and Redis are to the peers): it
+runs beside the workers and is not counted in the two-worker budget. Unpaced batches are
+submitted through the batch endpoint (``submit_many``); paced ones one request per task.
+Results are known through the batch long-poll (``wait``); a task's done time is when the
+dispatcher recorded its result (``finished_at``, same clock), and the last one is when the
+submitter's wait returned, so "until the submitter knows every result" is honest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+import httpx
+
+from bench.infra import RunContext
+from bench.procs import ManagedProcess, start_module, wait_until
+from bench.systems.base import BatchResult, System, TaskSpec, schedule
+from client import RexecClient
+from schemas.api import SubmitTask, TaskState, TaskView
+
+POOL = "bench"
+API_PORT = int(os.environ.get("BENCH_REXEC_API_PORT", "8695"))
+HEARTBEAT_TTL = float(os.environ.get("BENCH_REXEC_HEARTBEAT_TTL", "3"))
+WATCHDOG_INTERVAL = float(os.environ.get("BENCH_REXEC_WATCHDOG_INTERVAL", "0.5"))
+THROUGHPUT_CONCURRENCY = int(os.environ.get("BENCH_REXEC_CONCURRENCY", "16"))
+SUBMIT_CHUNK = 1000
+
+
+class RexecSystem(System):
+    name = "rexec"
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        self.api_url = f"http://127.0.0.1:{API_PORT}"
+        management = ctx.management_url.replace(
+            "://", f"://{ctx.management_auth[0]}:{ctx.management_auth[1]}@", 1
+        )
+        self.env = {
+            "REXEC_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.log_dir / 'rexec.db'}",
+            "REXEC_AMQP_URL": ctx.amqp_url,
+            "REXEC_MANAGEMENT_URL": management,
+            "REXEC_REDIS_URL": ctx.redis_url,
+            "REXEC_REDIS_PREFIX": ctx.prefix,
+            "REXEC_API_PORT": str(API_PORT),
+            "REXEC_API_URL": self.api_url,
+            "REXEC_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
+            "REXEC_WATCHDOG_INTERVAL": str(WATCHDOG_INTERVAL),
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        }
+        self.dispatcher: ManagedProcess | None = None
+        self.agents: list[ManagedProcess] = []
+        self.client = RexecClient(self.api_url, timeout=120)
+        self._settings: dict[str, object] = {}
+
+    @classmethod
+    def versions(cls) -> dict[str, str]:
+        return {"rexec": version("rexec"), "aio-pika": version("aio-pika")}
+
+    def settings(self) -> dict[str, object]:
+        return self._settings
+
+    def start_workers(self, n_processes: int, concurrency: int | None) -> None:
+        slots = THROUGHPUT_CONCURRENCY if concurrency is None else concurrency
+        self._settings = {
+            "agents": n_processes,
+            "concurrency": slots,
+            "heartbeat_ttl": HEARTBEAT_TTL,
+            "watchdog_interval": WATCHDOG_INTERVAL,
+            "database": "sqlite",
+        }
+        self.dispatcher = start_module(
+            "rexec-dispatcher",
+            "dispatcher.cli",
+            ["serve"],
+            self.env,
+            self.ctx.log_dir / "rexec-dispatcher.log",
+        )
+        wait_until(self._api_answers, 30, what="rexec serve")
+        self.client.create_pool(POOL)
+        for i in range(n_processes):
+            token = self.client.create_token(POOL, name=f"bench-{i}").secret
+            argv = ["--pool", POOL, "--concurrency", str(slots), "--allow", "bench.tasks:*"]
+            env = {**self.env, **self.ctx.worker_env(i), "REXEC_AGENT_TOKEN": token}
+            self.agents.append(
+                start_module(
+                    f"rexec-agent-{i}",
+                    "worker.cli",
+                    argv,
+                    env,
+                    self.ctx.log_dir / f"rexec-agent-{i}.log",
+                )
+            )
+        wait_until(
+            lambda: self._online() >= n_processes, 60, what=f"{n_processes} rexec agents online"
+        )
+
+    def _api_answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _online(self) -> int:
+        return sum(agent.state == "online" for agent in self.client.list_agents(pool=POOL))
+
+    def worker_processes(self) -> list[ManagedProcess]:
+        return list(self.agents)
+
+    def stop_workers(self) -> None:
+        for proc in [*self.agents, *([self.dispatcher] if self.dispatcher else [])]:
+            proc.stop()
+        self.agents.clear()
+        self.dispatcher = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _task(self, spec: TaskSpec) -> SubmitTask:
+        if spec.kind == "noop":
+            return SubmitTask(pool=POOL, target="bench.tasks:noop")
+        if spec.kind == "stamp":
+            return SubmitTask(
+                pool=POOL, target="bench.tasks:stamp", args=[spec.bench_id, self.ctx.sink]
+            )
+        return SubmitTask(
+            pool=POOL,
+            target="bench.tasks:sleep_record",
+            args=[spec.bench_id, spec.seconds, self.ctx.sink],
+        )
+
+    def run_batch(
+        self, tasks: Sequence[TaskSpec], rate: float | None, timeout: float
+    ) -> BatchResult:
+        result = BatchResult()
+        ids: dict[str, str] = {}  # rexec id -> bench id
+        t0 = time.time()
+        deadline = t0 + timeout
+        if rate is None:
+            for start in range(0, len(tasks), SUBMIT_CHUNK):
+                chunk = tasks[start : start + SUBMIT_CHUNK]
+                at = time.time()
+                for spec, task_id in zip(
+                    chunk, self.client.submit_many([self._task(s) for s in chunk]), strict=True
+                ):
+                    ids[task_id] = spec.bench_id
+                    result.submitted[spec.bench_id] = at
+        else:
+            for index, spec in enumerate(tasks):
+                delay = schedule(index, rate, t0) - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                at = time.time()
+                ids[
+                    self.client.submit(POOL, self._task(spec).target, args=self._task(spec).args).id
+                ] = spec.bench_id
+                result.submitted[spec.bench_id] = at
+        views = self.client.wait(list(ids), timeout=max(0.0, deadline - time.time()))
+        known = time.time()
+        self._record(views, ids, result, known)
+        return result
+
+    @staticmethod
+    def _record(
+        views: list[TaskView], ids: dict[str, str], result: BatchResult, known: float
+    ) -> None:
+        finished = [v for v in views if v.state.terminal]
+        last = max(finished, key=lambda v: v.finished_at or 0.0, default=None)
+        for view in finished:
+            bench_id = ids[view.id]
+            if view.state is TaskState.SUCCEEDED:
+                result.done[bench_id] = known if view is last else (view.finished_at or known)
+            else:
+                result.failed[bench_id] = f"{view.state.value}: {view.error}"
