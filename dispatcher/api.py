@@ -67,6 +67,8 @@ log = logging.getLogger("rexec.api")
 BODY_MARGIN = 64 * 1024
 """Room for the JSON around a task's arguments before the body itself is refused."""
 BATCH_BODY_MIN = 64 * 1024 * 1024
+WAIT_BODY = service.MAX_LIST_LIMIT * 64 + BODY_MARGIN
+"""Room for the most ids one wait takes (a 32-character id, quotes and a comma each)."""
 
 ERROR_STATUS: dict[type[service.ServiceError], int] = {
     service.NotFound: HTTP_404_NOT_FOUND,
@@ -334,7 +336,12 @@ def create_app(runtime: Runtime) -> Litestar:
                 request_max_body_size=batch_body,
                 tags=tags,
             )(submit_batch),
-            post("/tasks/wait", status_code=HTTP_200_OK, tags=tags)(wait_tasks),
+            post(
+                "/tasks/wait",
+                status_code=HTTP_200_OK,
+                request_max_body_size=WAIT_BODY,
+                tags=tags,
+            )(wait_tasks),
             get("/tasks", tags=tags)(list_tasks),
             get("/tasks/{task_id:str}", tags=tags, responses=_ERRORS)(get_task),
             post("/tasks/{task_id:str}/cancel", status_code=HTTP_200_OK, tags=tags)(cancel_task),

@@ -354,3 +354,13 @@ async def test_waiting_on_many_tasks_returns_once_all_are_terminal(
 
     unknown = await api.post("/v1/tasks/wait", json={"ids": [ids[0], "nope"], "wait": 0})
     assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+
+
+async def test_waiting_on_ten_thousand_ids_fits_in_one_request(
+    api: httpx.AsyncClient, pool: str
+) -> None:
+    first = (await submit(api, pool)).json()["id"]
+    ids = [first] * 10_000
+    response = await api.post("/v1/tasks/wait", json={"ids": ids, "wait": 0})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["tasks"]) == 10_000
