@@ -374,6 +374,8 @@ async def wait_task(rt: Runtime, task_id: str, wait: float) -> TaskView:
 
 WAIT_CHUNK = 500
 """Ids per ``IN (...)`` query, well under every database's parameter limit."""
+BATCH_RECHECK = 0.1
+"""Seconds between looks when a wait covers more than one chunk of ids."""
 
 
 async def wait_tasks(rt: Runtime, task_ids: Sequence[str], wait: float) -> list[TaskView]:
@@ -404,6 +406,9 @@ async def wait_tasks(rt: Runtime, task_ids: Sequence[str], wait: float) -> list[
             break
         with anyio.move_on_after(min(remaining, WAIT_RECHECK)):
             await applied.wait()
+        # Many pending tasks: look again at most every BATCH_RECHECK, not at every commit.
+        if len(pending) > WAIT_CHUNK:
+            await anyio.sleep(min(BATCH_RECHECK, max(0.0, deadline - time.monotonic())))
     views: dict[str, TaskView] = {}
     async with rt.sessions() as session:
         for chunk in _chunks(list(dict.fromkeys(task_ids)), WAIT_CHUNK):
