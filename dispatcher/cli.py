@@ -172,6 +172,8 @@ def cmd_token_create(args: argparse.Namespace, ctx: Context) -> int:
     else:
         # Only the secret on stdout, so `TOKEN=$(rexec token create --pool p)` works.
         sys.stdout.write(created.secret + "\n")
+    if args.quiet:
+        return 0
     expires = f", expires {fmt.when(created.token.expires_at)}" if created.token.expires_at else ""
     ctx.err.print(
         f"created token {created.token.id} for pool {created.token.pool}{expires}.\n"
@@ -374,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="", help="a label, such as the cluster it is for")
     p.add_argument(
         "--expires", type=duration, metavar="DURATION", help="lifetime: 3600s, 90m, 12h, 30d"
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="print only the secret (no reminder on stderr)"
     )
     p = command(
         token_sub, "list", cmd_token_list, "agent tokens (never their secrets)", [json_flag]

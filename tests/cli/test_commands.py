@@ -169,6 +169,8 @@ async def test_cli_commands(
     assert code == 0 and tokens[0]["id"] in out
     created = await rexec.json("token", "create", "--pool", pool_name)
     assert created["secret"].startswith("rexec_at_")
+    code, out, err = await rexec("token", "create", "--pool", pool_name, "--quiet")
+    assert code == 0 and out.startswith("rexec_at_") and err == ""
 
     assert await rexec.json("agents", "--pool", pool_name) == []
     code, out, _ = await rexec("agents")
