@@ -24,7 +24,7 @@ from schemas.api import TaskState
 
 from . import statemachine, transitions
 from .db.models import Agent, Task
-from .runtime import Runtime
+from .runtime import BROKER_ERRORS, Runtime
 
 log = logging.getLogger("rexec.events")
 
@@ -39,14 +39,15 @@ async def run_events(rt: Runtime) -> None:
     while True:
         try:
             await _consume(rt)
-        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             log.warning("events consumer lost its channel, reopening", extra={"error": str(exc)})
             await anyio.sleep(0.5)
 
 
 async def _consume(rt: Runtime) -> None:
-    channel = await rt.connection.channel(publisher_confirms=True)
+    channel = rt.connection.channel(publisher_confirms=True)
     try:
+        await channel.initialize()
         await channel.set_qos(prefetch_count=PREFETCH)
         queue = await channel.get_queue(names.EVENTS_QUEUE)
         send, receive = anyio.create_memory_object_stream[AbstractIncomingMessage](math.inf)
@@ -65,8 +66,21 @@ async def _consume(rt: Runtime) -> None:
             await handle_batch(rt, channel, batch)
             await batch[-1].ack(multiple=True)
     finally:
-        if not channel.is_closed:
+        await _discard(channel)
+
+
+async def _discard(channel: AbstractChannel) -> None:
+    """Close the channel for good, even one the broker already closed (or that never opened).
+
+    A robust channel that was not closed by us is restored when the connection comes back,
+    with its consumer: that zombie would take events into a stream nobody reads any more and
+    hold them unacked (up to the prefetch) for as long as the dispatcher lives.
+    """
+    with anyio.move_on_after(5, shield=True):
+        try:
             await channel.close()
+        except Exception as exc:
+            log.debug("closing the events channel failed", extra={"error": repr(exc)})
 
 
 async def handle_batch(

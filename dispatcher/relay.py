@@ -23,7 +23,7 @@ from schemas import messages, names
 from schemas.api import TaskState
 
 from .db.models import Outbox, Pool, Task
-from .runtime import Runtime
+from .runtime import BROKER_ERRORS, Runtime
 
 log = logging.getLogger("rexec.relay")
 
@@ -56,7 +56,7 @@ async def run_relay(rt: Runtime) -> None:
         rt.relay_wakeup = anyio.Event()
         try:
             published, next_due = await relay_once(rt, exchange)
-        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError) as exc:
+        except BROKER_ERRORS as exc:
             log.warning("relay could not publish, will retry", extra={"error": str(exc)})
             await anyio.sleep(0.5)
             continue
@@ -92,21 +92,29 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
     if not rows:
         return 0, next_due
     live = [(o, t) for o, t in rows if t.state == TaskState.QUEUED and t.attempt == o.attempt]
-    done = await _publish(rt, exchange, live)
+    done, failure = await _publish(rt, exchange, live)
     live_ids = {o.id for o, _ in live}
     done.extend(o.id for o, _ in rows if o.id not in live_ids)
     if done:
         async with rt.sessions.begin() as session:
             await session.execute(delete(Outbox).where(Outbox.id.in_(done)))
+    if failure is not None:
+        raise failure  # after forgetting what was confirmed: the caller backs off and retries
     return len(rows), next_due
 
 
 async def _publish(
     rt: Runtime, exchange: AbstractExchange, rows: Sequence[tuple[Outbox, Task]]
-) -> list[int]:
-    """Publish concurrently (confirms pipeline); return the outbox ids the broker confirmed."""
+) -> tuple[list[int], Exception | None]:
+    """Publish concurrently (confirms pipeline); return the outbox ids the broker confirmed,
+    and the first broker error if some publishes failed (they stay in the outbox).
+
+    Each publish catches its own broker error: raised inside the task group, it would come out
+    as an ``ExceptionGroup`` that no ``except`` of the caller matches, and end the dispatcher.
+    """
     confirmed: list[int] = []
     unroutable: set[str] = set()
+    failures: list[Exception] = []
 
     async def one(outbox: Outbox, task: Task) -> None:
         body = messages.encode(task_message(task, outbox.attempt))
@@ -123,13 +131,18 @@ async def _publish(
         except DeliveryError:
             unroutable.add(task.pool)
             return
+        except BROKER_ERRORS as exc:  # broker gone or channel being restored
+            failures.append(exc)
+            return
         confirmed.append(outbox.id)
 
     async with anyio.create_task_group() as tg:
         for outbox, task in rows:
             tg.start_soon(one, outbox, task)
+    if failures:
+        return confirmed, failures[0]
     for pool in unroutable:
         # The pool's queue is gone (deleted by hand?): declare it again; the rows stay for the next round.
         log.error("pool queue missing, declaring it again", extra={"pool": pool})
         await rt.declare_pool(pool)
-    return confirmed
+    return confirmed, None

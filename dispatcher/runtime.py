@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import aio_pika
 import anyio
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aiormq.exceptions import AMQPError
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -20,6 +21,11 @@ from schemas.settings import Settings
 from . import topology
 from .db.engine import make_engine, make_sessionmaker
 from .metrics import Metrics
+
+BROKER_ERRORS: tuple[type[Exception], ...] = (AMQPError, ConnectionError, OSError, RuntimeError)
+"""What a broker outage raises. aiormq raises a bare ``RuntimeError`` ("... closed") to open a
+channel on a connection that is reconnecting, and ``ChannelInvalidStateError`` (a
+``RuntimeError`` too, not an ``AMQPError``) to publish or ack on a channel being restored."""
 
 
 @dataclass

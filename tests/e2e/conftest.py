@@ -13,7 +13,7 @@ from tests.support import Process, free_port, http_ready, python_entry, wait_unt
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    return {
+    env = {
         "REXEC_DATABASE_URL": settings.database_url,
         "REXEC_AMQP_URL": settings.amqp_url,
         "REXEC_REDIS_URL": settings.redis_url,
@@ -21,8 +21,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "REXEC_API_URL": settings.api_url,
         "REXEC_API_PORT": str(settings.api_port),
         "REXEC_HEARTBEAT_TTL": str(settings.heartbeat_ttl),
+        "REXEC_WATCHDOG_INTERVAL": str(settings.watchdog_interval),
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
+    if settings.management_url != Settings().management_url:  # a private broker's
+        env["REXEC_MANAGEMENT_URL"] = settings.management_url
+    return env
 
 
 class Plane:

@@ -16,7 +16,8 @@ from client import RexecClient
 from schemas.api import TaskState, TaskView
 from schemas.settings import Settings, load_settings
 from tests.conftest import REDIS_URL
-from tests.e2e.conftest import Plane
+from tests.e2e.conftest import Plane, pytest_runtest_makereport  # noqa: F401  (logs on failure)
+from tests.faults.servers import PrivateRabbit, PrivateRedis
 
 FAST = {"heartbeat_ttl": 2.0, "watchdog_interval": 0.5}
 ALLOW = ["--allow", "tests.tasks:*", "--allow", "tests.faults.tasks:*"]
@@ -32,6 +33,28 @@ def fault_settings(sqlite_url: str, amqp_url: str, redis_prefix: str) -> Setting
         redis_prefix=f"{redis_prefix}-{uuid.uuid4().hex[:6]}",
         **FAST,
     )
+
+
+@pytest.fixture(scope="session")
+def private_rabbit(run_id: str) -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node of this session's own, for tests that restart the broker."""
+    rabbit = PrivateRabbit(f"rexec-faults-{run_id}")
+    try:
+        rabbit.start()
+        yield rabbit
+    finally:
+        rabbit.cleanup()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A Redis of this test's own that keeps nothing: a restart loses every key."""
+    server = PrivateRedis()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
 
 
 @pytest.fixture

@@ -94,6 +94,8 @@ class PrivateRabbit:
         )
 
     def stop(self) -> None:
+        if not Path(self.env["RABBITMQ_PID_FILE"]).exists():
+            return  # not running: `rabbitmqctl stop <pid file>` would wait for the file forever
         _run(["rabbitmqctl", "-n", self.node, "stop", self.env["RABBITMQ_PID_FILE"]], self.env, 60)
 
     def restart(self) -> None:

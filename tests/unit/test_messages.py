@@ -65,7 +65,9 @@ def test_control_messages_decode() -> None:
 def test_settings_from_the_environment() -> None:
     from schemas.settings import load_settings
 
-    settings = load_settings({"REXEC_HEARTBEAT_TTL": "3", "REXEC_MANAGEMENT_URL": "", "REXEC_API_PORT": ""})
+    settings = load_settings(
+        {"REXEC_HEARTBEAT_TTL": "3", "REXEC_MANAGEMENT_URL": "", "REXEC_API_PORT": ""}
+    )
     assert (settings.heartbeat_ttl, settings.management_url, settings.api_port) == (3.0, "", 8600)
     with pytest.raises(ValueError, match="REXEC_"):
         load_settings({"REXEC_HEARTBEAT_TTL": "soon"})

@@ -4,9 +4,11 @@ that registers, runs tasks and drains on SIGTERM."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,18 @@ from tests.support import REPO, Process
 from tests.worker.fake_api import FakeApi, serve_fake_api
 from tests.worker.harness import Broker, task, until
 from worker import cli
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """``cli.main`` points the root logger at this test's captured stderr, closed after it:
+    later tests in the same process (alembic's logs in tests/cli) would write to a closed
+    file and print "--- Logging error ---" on their stderr."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_allow_is_required(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from schemas import messages, names
 from schemas.settings import Settings
-from tests.worker.harness import Broker, running_agent, task
+from tests.worker.harness import Broker, running_agent, task, until
 
 pytestmark = pytest.mark.anyio
 
@@ -33,7 +33,7 @@ async def test_unusable_body_is_dead_lettered_with_reason(
         headers = dead.headers
         assert needle in str(headers[names.REASON_HEADER])
         assert headers["x-rexec-agent"] == agent.agent_id
-        assert agent.stats.dead_lettered == 1
+        await until(lambda: agent.stats.dead_lettered == 1, what="the dead letter counted")
         # The agent keeps consuming.
         event = await broker.run(pool, task(pool))
         assert isinstance(event, messages.Succeeded)
@@ -67,7 +67,8 @@ async def test_disallowed_target_fails_and_names_target_and_patterns(
             assert repr(target) in event.message
             assert "'tests.tasks:add'" in event.message and "'echo'" in event.message
             assert [type(e) for e in broker.of(message.task_id)] == [messages.Failed]
-        assert agent.stats.not_allowed == 2
+        # Counted once the delivery is acked, a moment after the event is out.
+        await until(lambda: agent.stats.not_allowed == 2, what="both refusals counted")
         ok = await broker.run(pool, task(pool, "tests.tasks:add"))
         assert isinstance(ok, messages.Succeeded)
 
@@ -80,6 +81,6 @@ async def test_expired_task_is_not_started(
         event = await broker.run(pool, message)
         assert isinstance(event, messages.Expired)
         assert [type(e) for e in broker.of(message.task_id)] == [messages.Expired]
-        assert agent.stats.expired == 1
+        await until(lambda: agent.stats.expired == 1, what="the expiry counted")
         fresh = await broker.run(pool, task(pool, expires_at=time.time() + 60))
         assert isinstance(fresh, messages.Succeeded)
