@@ -17,9 +17,10 @@ import aio_pika
 import anyio
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from opentelemetry.trace import SpanKind
 from sqlalchemy import select, update
 
-from schemas import messages, names
+from schemas import messages, names, tracing
 from schemas.api import TaskState
 
 from . import statemachine, transitions
@@ -179,6 +180,8 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
                 session, task, decision, now, result_json=result_json, error_json=error_json
             )
             _observe(rt, task, decision, event.at)
+            if tracing.active():
+                _record_span(task, event, decision)
             retried = retried or decision.retry_in is not None
     rt.notify_applied()
     if retried:
@@ -194,6 +197,30 @@ def _observe(rt: Runtime, task: Task, decision: statemachine.Transition, at: flo
         rt.metrics.run_time.labels(task.pool, decision.to.value).observe(
             max(0.0, at - task.started_at)
         )
+
+
+def _record_span(task: Task, event: messages.TaskEvent, decision: statemachine.Transition) -> None:
+    """A span in the task's trace for each recorded event (retries and takeovers included)."""
+    kind = type(event).__name__.lower()
+    attributes = tracing.messaging_attributes(
+        names.EVENTS_QUEUE, "process", f"{event.task_id}:{event.attempt}"
+    )
+    attributes.update(
+        {
+            "rexec.task.id": event.task_id,
+            "rexec.attempt": str(event.attempt),
+            "rexec.agent.id": event.agent_id,
+            "rexec.event": kind,
+            "rexec.state": decision.to.value,
+        }
+    )
+    span = tracing.tracer("rexec.dispatcher").start_span(
+        f"record {kind}",
+        context=tracing.context_from_traceparent(task.trace_parent),
+        kind=SpanKind.CONSUMER,
+        attributes=attributes,
+    )
+    span.end()
 
 
 def _reject(rt: Runtime, event: messages.TaskEvent, reason: str) -> None:

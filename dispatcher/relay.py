@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import aio_pika
 import anyio
 import msgspec
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import DeliveryError
+from opentelemetry.trace import SpanKind
 from sqlalchemy import delete, func, select
 
-from schemas import messages, names
+from schemas import messages, names, tracing
 from schemas.api import TaskState
 
 from .db.models import Outbox, Pool, Task
@@ -118,16 +120,18 @@ async def _publish(
 
     async def one(outbox: Outbox, task: Task) -> None:
         body = messages.encode(task_message(task, outbox.attempt))
+        message_id = f"{task.id}:{outbox.attempt}"
         message = aio_pika.Message(
             body,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=f"{task.id}:{outbox.attempt}",
+            message_id=message_id,
             type="rexec.task",
             timestamp=time.time(),
         )
         try:
-            await exchange.publish(message, routing_key=task.pool, mandatory=True)
+            with _send_span(task, outbox.attempt, message):
+                await exchange.publish(message, routing_key=task.pool, mandatory=True)
         except DeliveryError:
             unroutable.add(task.pool)
             return
@@ -146,3 +150,32 @@ async def _publish(
         log.error("pool queue missing, declaring it again", extra={"pool": pool})
         await rt.declare_pool(pool)
     return confirmed, None
+
+
+@contextmanager
+def _send_span(task: Task, attempt: int, message: aio_pika.Message) -> Iterator[None]:
+    """The attempt's ``send`` span, child of the task's ``create`` span; its context travels
+    in the message's headers to the agent. Nothing at all when tracing is off."""
+    if not tracing.active():
+        yield
+        return
+    attributes = tracing.messaging_attributes(
+        names.TASKS_EXCHANGE, "send", message.message_id or ""
+    )
+    attributes.update(
+        {
+            "messaging.rabbitmq.destination.routing_key": task.pool,
+            "rexec.task.id": task.id,
+            "rexec.attempt": str(attempt),
+        }
+    )
+    with tracing.tracer("rexec.dispatcher").start_as_current_span(
+        f"send {names.pool_queue(task.pool)}",
+        context=tracing.context_from_traceparent(task.trace_parent),
+        kind=SpanKind.PRODUCER,
+        attributes=attributes,
+    ):
+        headers: dict[str, str] = {}
+        tracing.inject(headers)
+        message.headers = {**(message.headers or {}), **headers}
+        yield
