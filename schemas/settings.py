@@ -33,6 +33,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     default_max_attempts: int = 3
     default_retry_backoff: float = 1.0
     agent_token: str = ""
+    health_port: int = 0
+    """Port of the agent's health server (``/healthz``, ``/readyz``, ``/metrics``); 0 turns it
+    off, so several agents on one machine do not collide. The Helm chart sets 8081."""
     api_key: str = ""
 
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
 _enabled: bool | None = None
+_provider: TracerProvider | None = None
 
 _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
@@ -35,31 +40,47 @@ def active() -> bool:
     return bool(_enabled)
 
 
-def configure(service_name: str) -> None:
-    """Install an OTLP/HTTP exporter when the environment asks for one."""
-    global _enabled
-    _enabled = enabled()
+def configure(service_name: str, exporter: SpanExporter | None = None) -> None:
+    """Install an OTLP/HTTP exporter when the environment asks for one.
+
+    With ``exporter`` (an in-memory or console one, say), spans go there whatever the
+    environment says, through a provider of this module's own: the process-wide provider,
+    which OpenTelemetry lets a process set only once, is left alone.
+    """
+    global _enabled, _provider
+    _enabled = exporter is not None or enabled()
+    _provider = None
     if not _enabled:
         return
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     name = os.environ.get("OTEL_SERVICE_NAME", service_name)
     provider = TracerProvider(resource=Resource.create({"service.name": name}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
+    if exporter is None:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(provider)
+    else:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    _provider = provider
 
 
 def shutdown() -> None:
-    """Flush spans still buffered (the SDK's provider has ``shutdown``; the no-op one has not)."""
-    provider: Any = trace.get_tracer_provider()
+    """Flush spans still buffered and stop tracing (the SDK's provider has ``shutdown``; the
+    no-op one has not)."""
+    global _enabled, _provider
+    provider: Any = _provider or trace.get_tracer_provider()
+    _enabled, _provider = False, None
     if hasattr(provider, "shutdown"):
         provider.shutdown()
 
 
 def tracer(name: str) -> trace.Tracer:
+    if _provider is not None:
+        return _provider.get_tracer(name)
     return trace.get_tracer(name)
 
 

@@ -31,10 +31,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from yarl import URL
 
-from schemas import messages, names
+from schemas import messages, names, tracing
 from schemas.names import RedisKeys
 from schemas.settings import Settings
 
+from . import spans
 from .allow import allowed, refusal, task_target
 from .attempts import Attempt, Attempts, StopReason
 from .children import open_child_pool
@@ -42,9 +43,11 @@ from .control import ControlHandler
 from .deadletter import dead_letter
 from .events import EventPublisher
 from .execution import Executor
+from .health import HealthServer
 from .heartbeat import Heartbeat
 from .intake import Intake, Slot, requeue
 from .leases import Claim, ClaimResult, LeaseStore, LostLease
+from .metrics import AgentMetrics, Counters, Outcome, attempt_outcome
 from .reports import Reporter
 
 log = logging.getLogger("rexec.agent")
@@ -75,6 +78,26 @@ class AgentStats:
     finished: int = 0
     leases_lost: int = 0
     handed_back: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    timed_out: int = 0
+    cancelled: int = 0
+    """Attempts cancelled while running (``cancelled_before_start``: before they started)."""
+    stopped_at_drain: int = 0
+    """Running attempts stopped at the drain deadline and reported back for a retry."""
+
+    def ran(self, outcome: Outcome) -> None:
+        """Count how an attempt that ran ended (a lost lease is counted where it is found)."""
+        if outcome is Outcome.SUCCEEDED:
+            self.succeeded += 1
+        elif outcome is Outcome.FAILED:
+            self.failed += 1
+        elif outcome is Outcome.TIMED_OUT:
+            self.timed_out += 1
+        elif outcome is Outcome.CANCELLED:
+            self.cancelled += 1
+        elif outcome is Outcome.HANDED_BACK:
+            self.stopped_at_drain += 1
 
 
 class Agent:
@@ -110,6 +133,7 @@ class Agent:
         self.return_after = return_after
         self.keys = RedisKeys(settings.redis_prefix)
         self.stats = AgentStats()
+        self.metrics = AgentMetrics(self)
         self._reporter = Reporter(agent_id)
         self.attempts = Attempts()
         self._stop_flag = False
@@ -121,6 +145,10 @@ class Agent:
         self._handlers = 0
         self._handlers_idle: anyio.Event | None = None
         self._started = False
+        self._stop_requested_at: float | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._wired = False  # the parts below exist
+        self._serving = False  # consuming was started
         # Set while running:
         self._channel: AbstractChannel
         self._dead_exchange: AbstractExchange
@@ -135,6 +163,8 @@ class Agent:
     def request_shutdown(self, *, immediate: bool = False) -> None:
         """Start the graceful drain (``immediate``: hand running attempts back at once)."""
         self._stop_flag = True
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
         self._hurry_flag = self._hurry_flag or immediate
         if self._stop_requested is not None:
             self._stop_requested.set()
@@ -167,15 +197,47 @@ class Agent:
             self._stop_requested.set()
         if self._hurry_flag:
             self._hurry.set()
+        failure: AgentError | None = None
         try:
-            async with AsyncExitStack() as stack:
-                redis = Redis.from_url(self.settings.redis_url)
-                stack.push_async_callback(redis.aclose)
-                connection = await self._connect()
-                stack.push_async_callback(_close_quietly, connection)
-                await self._serve(connection, redis, task_status)
+            health = self._health_server()
+            async with anyio.create_task_group() as tg:
+                if health is not None:
+                    tg.start_soon(health.run)
+                try:
+                    async with AsyncExitStack() as stack:
+                        redis = Redis.from_url(self.settings.redis_url)
+                        stack.push_async_callback(redis.aclose)
+                        connection = await self._connect()
+                        stack.push_async_callback(_close_quietly, connection)
+                        await self._serve(connection, redis, task_status)
+                except AgentError as exc:  # raised unwrapped, not in an exception group
+                    failure = exc
+                finally:
+                    if health is not None:
+                        health.stop()
         finally:
             self._finished.set()
+        if failure is not None:
+            raise failure
+
+    def _health_server(self) -> HealthServer | None:
+        port = self.settings.health_port
+        if not port:
+            return None
+        try:
+            server = HealthServer(self, port)
+        except (OSError, ValueError, OverflowError) as exc:
+            raise AgentError(
+                f"cannot serve health checks on port {port}: {exc}; set REXEC_HEALTH_PORT "
+                "to a free port (or 0 for none)"
+            ) from None
+        self._log(
+            logging.INFO,
+            "health server listening",
+            port=port,
+            paths=["/healthz", "/readyz", "/metrics"],
+        )
+        return server
 
     async def _connect(self) -> AbstractRobustConnection:
         name = names.agent_connection_name(self.pool, self.agent_id, self.hostname)
@@ -195,6 +257,7 @@ class Agent:
         self, connection: AbstractRobustConnection, redis: Redis, task_status: TaskStatus[None]
     ) -> None:
         assert self._stop_requested is not None
+        self._connection = connection
         self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._channel.set_qos(prefetch_count=self.concurrency)
         queue = await self._pool_queue(self._channel)
@@ -221,6 +284,7 @@ class Agent:
             return_after=self.return_after,
             agent_id=self.agent_id,
         )
+        self._wired = True
         if not await self._first_beat():
             return
         async with anyio.create_task_group() as outer:
@@ -252,6 +316,7 @@ class Agent:
                         allow=self.allow,
                         queue=names.pool_queue(self.pool),
                     )
+                    self._serving = True
                     task_status.started()
                     await self._stop_requested.wait()
                     await self._drain()
@@ -413,7 +478,10 @@ class Agent:
             self.stats.handed_back += 1
             return
         try:
-            await self._claim_and_run(message, task, slot)
+            if tracing.active():
+                await self._claim_and_run_traced(message, task, slot)
+            else:
+                await self._claim_and_run(message, task, slot)
         finally:
             slot.release()
 
@@ -435,26 +503,42 @@ class Agent:
         await self._emit(event)
         await self._ack(message, task)
 
+    async def _claim_and_run_traced(
+        self, message: AbstractIncomingMessage, task: messages.TaskMessage, slot: Slot
+    ) -> Outcome:
+        """``_claim_and_run`` inside the attempt's span (claim, started, run, terminal event)."""
+        span = spans.start_attempt(message.headers, task, self.agent_id)
+        outcome: Outcome | None = None
+        error: Exception | None = None
+        try:
+            outcome = await self._claim_and_run(message, task, slot)
+            return outcome
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            spans.end_attempt(span, outcome, error)
+
     async def _claim_and_run(
         self, message: AbstractIncomingMessage, task: messages.TaskMessage, slot: Slot
-    ) -> None:
+    ) -> Outcome:
         claim = await self._claim(task)
         if claim is None:  # draining while Redis was unreachable
             await requeue(message)
             self.stats.handed_back += 1
-            return
+            return Outcome.HANDED_BACK
         if claim.outcome is Claim.DUPLICATE:
             await self._ack(message, task)
             self.stats.duplicates += 1
             self._log_task(
                 logging.INFO, "duplicate delivery dropped", task, holder=claim.previous_holder
             )
-            return
+            return Outcome.DUPLICATE
         if claim.outcome is Claim.CANCELLED:
             await self._ack(message, task)
             self.stats.cancelled_before_start += 1
             self._log_task(logging.INFO, "task cancelled before it started", task)
-            return
+            return Outcome.CANCELLED
         key = (task.task_id, task.attempt)
         self._held.add(key)
         if claim.previous_holder:
@@ -468,13 +552,14 @@ class Agent:
             await self._abandon(task)
             await requeue(message)
             self.stats.handed_back += 1
-            return
+            return Outcome.HANDED_BACK
         attempt = Attempt(task)
         self.attempts.add(attempt)
         try:
             await self._emit(self._reporter.event(messages.Started, task))
             await self._ack(message, task)
             self.stats.started += 1
+            started = time.monotonic()
             self._log_task(logging.DEBUG, "task started", task)
             event = await self._executor.execute(attempt)
         finally:
@@ -482,8 +567,49 @@ class Agent:
             slot.release()  # the next task may start while this one reports
         if event is not None:
             await self._emit(event)
+        outcome = attempt_outcome(event, attempt.stop_reason)
+        self.stats.ran(outcome)
+        self.metrics.ran(outcome, time.monotonic() - started)
         self.stats.finished += 1
         await self._release(task)
+        return outcome
+
+    # -- health ------------------------------------------------------------------------------
+
+    def liveness(self) -> str | None:
+        """Why the agent should be restarted (None: it is alive): a drain that overran."""
+        if self._stop_requested_at is None:
+            return None
+        limit = self.drain_timeout + SHUTDOWN_GRACE + OFFLINE_TIMEOUT
+        overdue = time.monotonic() - self._stop_requested_at - limit
+        if overdue > 0:
+            return f"shutdown still running {overdue:.0f}s past its drain deadline ({limit:.0f}s)"
+        return None
+
+    def readiness(self) -> str | None:
+        """Why the agent cannot take tasks now (None: connected to RabbitMQ and Redis)."""
+        if self._stop_flag:
+            return "draining: shutdown requested, intake stopped"
+        connection = self._connection
+        if not self._serving or connection is None:
+            return "starting: connecting to RabbitMQ and Redis"
+        if connection.is_closed or not connection.connected.is_set() or self._channel.is_closed:
+            return "RabbitMQ connection lost: reconnecting"
+        if self._heartbeat.failing:
+            return "Redis unreachable: the heartbeat fails"
+        # A saturated agent (intake paused, every slot busy) is ready: reporting it unready
+        # would stall rolling updates exactly when the pool is busiest.
+        return None
+
+    def counters(self) -> Counters:
+        """What the event publisher and the heartbeat counted (zero before they exist)."""
+        if not self._wired:
+            return Counters()
+        return Counters(
+            event_batches=self._publisher.published_batches,
+            events=self._publisher.published_events,
+            heartbeat_failures=self._heartbeat.failures,
+        )
 
     # -- claims and leases -------------------------------------------------------------------
 

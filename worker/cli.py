@@ -15,7 +15,7 @@ import sys
 import anyio
 import msgspec
 
-from schemas import messages
+from schemas import messages, tracing
 from schemas.api import AgentRegister
 from schemas.names import validate_pool_name
 from schemas.settings import Settings, load_settings
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.agent_token:
         p.error("no agent token: set REXEC_AGENT_TOKEN (create one with `rexec token create`)")
     logs.configure()
+    tracing.configure("rexec-agent")
     try:
         anyio.run(_serve, settings, options)
     except (RegistrationError, AgentError) as exc:
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        tracing.shutdown()  # export the spans still buffered
     return 0
 
 

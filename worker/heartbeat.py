@@ -53,9 +53,22 @@ class Heartbeat:
         self._running = running
         self._on_lost = on_lost
         self.beats = 0
+        self.failures = 0
+        """Beats that could not reach Redis."""
+        self.failing = False
+        """The last beat could not reach Redis."""
 
     async def beat(self) -> None:
         """One beat; raises ``RedisError`` or ``OSError`` when Redis cannot be reached."""
+        try:
+            await self._beat()
+        except (RedisError, OSError):
+            self.failures += 1
+            self.failing = True
+            raise
+        self.failing = False
+
+    async def _beat(self) -> None:
         value = _json.encode(
             {
                 "pool": self.pool,

@@ -39,5 +39,5 @@ def configure(level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.Formatter.converter = time.gmtime
-    for noisy in ("aio_pika", "aiormq", "httpx", "httpcore"):
+    for noisy in ("aio_pika", "aiormq", "httpx", "httpcore", "uvicorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -81,11 +81,20 @@ class Broker:
         self.events.extend(messages.decode_events(message.body).events)
         await message.ack()
 
-    async def publish(self, pool: str, body: messages.TaskMessage | bytes) -> None:
+    async def publish(
+        self,
+        pool: str,
+        body: messages.TaskMessage | bytes,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         data = body if isinstance(body, bytes) else messages.encode(body)
         exchange = await self.channel.get_exchange(names.TASKS_EXCHANGE, ensure=False)
         await exchange.publish(
-            aio_pika.Message(data, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            aio_pika.Message(
+                data,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers=dict(headers) if headers else None,
+            ),
             routing_key=pool,
         )
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -18,7 +19,7 @@ from dispatcher import topology
 from schemas import messages
 from schemas.names import RedisKeys
 from schemas.settings import Settings
-from tests.support import REPO, Process
+from tests.support import REPO, Process, free_port
 from tests.worker.fake_api import FakeApi, serve_fake_api
 from tests.worker.harness import Broker, task, until
 from worker import cli
@@ -112,6 +113,7 @@ async def test_agent_process_registers_runs_and_drains_on_sigterm(
             "REXEC_AMQP_URL": agent_settings.amqp_url,
             "REXEC_REDIS_URL": agent_settings.redis_url,
             "REXEC_REDIS_PREFIX": agent_settings.redis_prefix,
+            "REXEC_HEALTH_PORT": str(health_port := free_port()),
             "PYTHONPATH": str(REPO),
         }
         argv = [sys.executable, "-m", "worker.cli", "--pool", pool, "--concurrency", "2"]
@@ -132,6 +134,9 @@ async def test_agent_process_registers_runs_and_drains_on_sigterm(
             assert registration["concurrency"] == 2
             done = await broker.run(pool, task(pool, "tests.tasks:add", args=[40, 2]))
             assert isinstance(done, messages.Succeeded) and done.result == 42
+            async with httpx.AsyncClient(timeout=5) as http:  # the health server is up too
+                ready = await http.get(f"http://127.0.0.1:{health_port}/readyz")
+            assert ready.status_code == 200, ready.text
             running = task(pool, "tests.tasks:sleep", args=[0.5])
             await broker.publish(pool, running)
             await broker.wait_for(running.task_id, messages.Started)
@@ -149,3 +154,6 @@ async def test_agent_process_registers_runs_and_drains_on_sigterm(
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(line["event"] == "agent ready" and line["agent_id"] == agent_id for line in lines)
     assert any(line["event"].startswith("SIGTERM") for line in lines)
+    assert any(
+        line["event"] == "health server listening" and line["port"] == health_port for line in lines
+    )
