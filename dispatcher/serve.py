@@ -7,10 +7,9 @@ import logging
 import anyio
 import uvicorn
 
-from schemas import tracing
+from schemas import logs, tracing
 from schemas.settings import Settings
 
-from . import logs
 from .api import create_app
 from .db.migrate import upgrade
 from .events import run_events

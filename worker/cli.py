@@ -15,12 +15,11 @@ import sys
 import anyio
 import msgspec
 
-from schemas import messages, tracing
+from schemas import logs, messages, tracing
 from schemas.api import AgentRegister
 from schemas.names import validate_pool_name
 from schemas.settings import Settings, load_settings
 
-from . import logs
 from .agent import Agent, AgentError
 from .registration import RegistrationError, register
 

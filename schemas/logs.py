@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line on stderr, so operators can grep by task or agent."""
+"""Structured logs for both planes: one JSON object per line on stderr, so operators can grep
+by task, attempt or agent."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ class JsonFormatter(logging.Formatter):
             return _encoder.encode({k: str(v) for k, v in entry.items()}).decode(errors="replace")
 
 
+QUIET = ("aio_pika", "aiormq", "httpx", "httpcore", "uvicorn", "alembic")
+"""Libraries whose info-level chatter would drown rexec's own events."""
+
+
 def configure(level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -39,5 +44,5 @@ def configure(level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.Formatter.converter = time.gmtime
-    for noisy in ("aio_pika", "aiormq", "httpx", "httpcore", "uvicorn"):
+    for noisy in QUIET:
         logging.getLogger(noisy).setLevel(logging.WARNING)
