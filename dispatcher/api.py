@@ -34,6 +34,7 @@ from litestar.status_codes import (
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_500_INTERNAL_SERVER_ERROR,
+    HTTP_503_SERVICE_UNAVAILABLE,
 )
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -76,6 +77,7 @@ ERROR_STATUS: dict[type[service.ServiceError], int] = {
     service.Invalid: HTTP_422_UNPROCESSABLE_ENTITY,
     service.PayloadTooLarge: HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     service.Unauthorized: HTTP_401_UNAUTHORIZED,
+    service.Unavailable: HTTP_503_SERVICE_UNAVAILABLE,
 }
 
 _ERRORS = {

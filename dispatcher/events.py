@@ -23,7 +23,7 @@ from sqlalchemy import select, update
 from schemas import messages, names, tracing
 from schemas.api import TaskState
 
-from . import statemachine, transitions
+from . import credentials, statemachine, transitions
 from .db.models import Agent, Task
 from .runtime import BROKER_ERRORS, Runtime
 
@@ -87,14 +87,66 @@ async def _discard(channel: AbstractChannel) -> None:
 async def handle_batch(
     rt: Runtime, channel: AbstractChannel, deliveries: Sequence[AbstractIncomingMessage]
 ) -> None:
-    events: list[messages.Event] = []
+    decoded: list[tuple[AbstractIncomingMessage, messages.EventBatch]] = []
     for delivery in deliveries:
         try:
-            events.extend(messages.decode_events(delivery.body).events)
+            decoded.append((delivery, messages.decode_events(delivery.body)))
         except messages.MessageError as exc:
             await dead_letter(rt, channel, delivery, str(exc))
+    users = await _broker_users(rt, {e.agent_id for _, b in decoded for e in b.events})
+    events: list[messages.Event] = []
+    for delivery, batch in decoded:
+        forged = misattributed(delivery.user_id, batch.events, users)
+        if forged is not None:
+            rt.metrics.stale_events.labels("forged").inc(len(batch.events))
+            await dead_letter(rt, channel, delivery, forged)
+            continue
+        events.extend(batch.events)
     if events:
         await apply_events(rt, events)
+
+
+async def _broker_users(rt: Runtime, agent_ids: set[str]) -> dict[str, str | None]:
+    """The broker user issued to each agent (None: shared credentials, or not registered).
+
+    Issued once at registration and never changed, so what was read once stays true."""
+    cache = rt.broker_users
+    unknown = [a for a in agent_ids if a not in cache]
+    if unknown:
+        async with rt.sessions() as session:
+            rows = await session.execute(
+                select(Agent.id, Agent.broker_user).where(Agent.id.in_(unknown))
+            )
+            found = {agent_id: user for agent_id, user in rows}
+        for agent_id in unknown:
+            if agent_id in found:  # an agent not registered yet may be soon: ask again then
+                cache[agent_id] = found[agent_id]
+    return {a: cache.get(a) for a in agent_ids}
+
+
+def misattributed(
+    publisher: str | None, events: Sequence[messages.Event], users: dict[str, str | None]
+) -> str | None:
+    """Why the batch must not be believed, or None: an agent reports only for itself.
+
+    RabbitMQ checks the ``user_id`` property against the publisher's login, so it names the
+    broker user that really published. Events of an agent that has a user of its own must
+    come from that user; an agent's user may publish only its own agent's events."""
+    publishing_agent = names.agent_of_broker_user(publisher) if publisher else None
+    for event in events:
+        expected = users.get(event.agent_id)
+        if expected is not None and publisher != expected:
+            return (
+                f"events of agent {event.agent_id} published by "
+                f"{'an unnamed user' if publisher is None else repr(publisher)}, not by its "
+                f"own broker user {expected!r}: one agent cannot report for another"
+            )
+        if publishing_agent is not None and publishing_agent != event.agent_id:
+            return (
+                f"broker user {publisher!r} of agent {publishing_agent} published events of "
+                f"agent {event.agent_id}: one agent cannot report for another"
+            )
+    return None
 
 
 async def dead_letter(
@@ -120,6 +172,7 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
     """Apply a batch of events in one transaction; then stop attempts that must not run."""
     now = time.time()
     stop: list[tuple[str, messages.Control]] = []
+    offline: list[str] = []
     retried = False
     task_ids = {e.task_id for e in events if isinstance(e, messages.TaskEvent)}
     async with rt.sessions.begin() as session:
@@ -132,6 +185,8 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
         for event in events:
             if isinstance(event, messages.AgentOnline | messages.AgentOffline):
                 state = "online" if isinstance(event, messages.AgentOnline) else "offline"
+                if state == "offline":
+                    offline.append(event.agent_id)
                 await session.execute(
                     update(Agent)
                     .where(Agent.id == event.agent_id)
@@ -188,6 +243,8 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
         rt.wake_relay()
     for agent_id, control in stop:
         await rt.publish_control(agent_id, control)
+    if offline:
+        await credentials.withdraw(rt, offline, "the agent went offline")
 
 
 def _observe(rt: Runtime, task: Task, decision: statemachine.Transition, at: float) -> None:

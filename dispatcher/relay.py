@@ -21,7 +21,7 @@ from aio_pika.exceptions import DeliveryError
 from opentelemetry.trace import SpanKind
 from sqlalchemy import delete, func, select
 
-from schemas import messages, names, tracing
+from schemas import messages, names, signing, tracing
 from schemas.api import TaskState
 
 from .db.models import Outbox, Pool, Task
@@ -123,6 +123,7 @@ async def _publish(
         message_id = f"{task.id}:{outbox.attempt}"
         message = aio_pika.Message(
             body,
+            headers={signing.SIGNATURE_HEADER: rt.signer.sign(body)},
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message_id,

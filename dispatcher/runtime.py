@@ -17,10 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from schemas import messages, names
 from schemas.names import RedisKeys
 from schemas.settings import Settings
+from schemas.signing import Signer
 
 from . import topology
 from .db.engine import make_engine, make_sessionmaker
 from .metrics import Metrics
+from .signing_key import announced_public_keys, load_signer
 
 BROKER_ERRORS: tuple[type[Exception], ...] = (AMQPError, ConnectionError, OSError, RuntimeError)
 """What a broker outage raises. aiormq raises a bare ``RuntimeError`` ("... closed") to open a
@@ -37,7 +39,12 @@ class Runtime:
     keys: RedisKeys
     connection: AbstractRobustConnection
     channel: AbstractChannel
+    signer: Signer
+    """Signs every task message; agents run only what verifies against its public key."""
+    public_keys: list[str]
     metrics: Metrics = field(default_factory=Metrics)
+    broker_users: dict[str, str | None] = field(default_factory=dict)
+    """Broker user issued to each agent, as far as the events consumer looked them up."""
     relay_wakeup: anyio.Event = field(default_factory=anyio.Event)
     events_applied: anyio.Event = field(default_factory=anyio.Event)
     """Set (and replaced) each time the events consumer commits: long-polls wait on it."""
@@ -87,14 +94,18 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         # on_return_raises: a mandatory message the broker cannot route fails its publish.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await topology.declare_core(channel)
+        sessions = make_sessionmaker(engine)
+        signer = await load_signer(settings, sessions)
         yield Runtime(
             settings=settings,
             engine=engine,
-            sessions=make_sessionmaker(engine),
+            sessions=sessions,
             redis=redis,
             keys=RedisKeys(settings.redis_prefix),
             connection=connection,
             channel=channel,
+            signer=signer,
+            public_keys=announced_public_keys(settings, signer),
         )
     finally:
         await connection.close()

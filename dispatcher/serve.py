@@ -10,6 +10,7 @@ import uvicorn
 from schemas import logs, tracing
 from schemas.settings import Settings
 
+from . import credentials
 from .api import create_app
 from .db.migrate import upgrade
 from .events import run_events
@@ -35,6 +36,8 @@ async def serve(settings: Settings) -> None:
             tg.start_soon(run_relay, rt)
             tg.start_soon(run_events, rt)
             tg.start_soon(Watchdog(rt).run)
+            if settings.agent_credentials == "scoped":
+                tg.start_soon(credentials.keep, rt)
             log.info("serving", extra={"api": f"http://{settings.api_host}:{settings.api_port}"})
             # uvicorn handles SIGINT/SIGTERM: when it returns, stop everything else too.
             await server.serve()

@@ -44,7 +44,7 @@ from schemas.api import (
 from schemas.names import validate_pool_name
 from schemas.settings import Settings
 
-from . import statemachine, transitions
+from . import credentials, statemachine, transitions
 from .db.models import Agent, Outbox, Pool, Task, TaskTransition, Token
 from .runtime import Runtime
 
@@ -94,6 +94,10 @@ class PayloadTooLarge(ServiceError):
 
 class Unauthorized(ServiceError):
     """A missing, unknown, revoked or expired credential (401)."""
+
+
+class Unavailable(ServiceError):
+    """A server the request needs refused or could not be reached (503)."""
 
 
 # --- conversions ------------------------------------------------------------------------------
@@ -494,7 +498,7 @@ async def cancel(rt: Runtime, task_id: str) -> TaskView:
             raise Conflict(f"task {task_id} is already {task.state}; there is nothing to cancel")
         # The marker is checked by an agent's claim, so a queued (or requeued) attempt never
         # starts even if its message was already published.
-        await _mark_cancelled(rt, task_id)
+        await _mark_cancelled(rt, task.pool, task_id)
         if isinstance(decision, statemachine.Transition):
             transitions.apply(session, task, decision, now)
             await session.execute(delete(Outbox).where(Outbox.task_id == task_id))
@@ -514,9 +518,9 @@ async def cancel(rt: Runtime, task_id: str) -> TaskView:
     return view
 
 
-async def _mark_cancelled(rt: Runtime, task_id: str) -> None:
+async def _mark_cancelled(rt: Runtime, pool: str, task_id: str) -> None:
     try:
-        await rt.redis.set(rt.keys.cancelled(task_id), "1", ex=CANCEL_MARKER_TTL)
+        await rt.redis.set(rt.keys.cancelled(pool, task_id), "1", ex=CANCEL_MARKER_TTL)
     except (RedisError, OSError) as exc:
         # The state machine still refuses the attempt if an agent starts it: it gets stopped.
         log.warning(
@@ -641,7 +645,18 @@ async def revoke_token(rt: Runtime, token_id: str) -> TokenView:
             raise NotFound(f"unknown token {token_id!r}: list tokens with `rexec token list`")
         if token.revoked_at is None:
             token.revoked_at = now
-    log.info("token revoked", extra={"pool": token.pool, "token_id": token_id})
+        agent_ids = list(await session.scalars(select(Agent.id).where(Agent.token_id == token_id)))
+    cut = await credentials.withdraw(rt, agent_ids, f"token {token_id} revoked")
+    closed = await credentials.close_connections(rt, cut, "rexec: the agent's token was revoked")
+    log.info(
+        "token revoked",
+        extra={
+            "pool": token.pool,
+            "token_id": token_id,
+            "agents_cut_off": cut,
+            "connections_closed": closed,
+        },
+    )
     return _token_view(token, now)
 
 
@@ -673,50 +688,76 @@ def agent_id_for(hostname: str) -> str:
     return f"{base or 'agent'}-{secrets.token_hex(4)}"
 
 
+def check_protocol(major: int, minor: int) -> None:
+    """Refuse an agent this dispatcher cannot work with, saying which side to upgrade."""
+    ours = (messages.PROTOCOL_VERSION, messages.PROTOCOL_MINOR)
+    oldest = (messages.PROTOCOL_VERSION, messages.OLDEST_AGENT_MINOR)
+    if major in messages.SUPPORTED_VERSIONS and minor >= messages.OLDEST_AGENT_MINOR:
+        return
+    older = (major, minor) < oldest
+    raise Invalid(
+        f"agent speaks protocol {messages.protocol_name(major, minor)}, this orchestration "
+        f"plane speaks {messages.protocol_name(*ours)} and accepts agents from "
+        f"{messages.protocol_name(*oldest)}: upgrade "
+        + ("the agent (its image or package)" if older else "the orchestration plane")
+    )
+
+
 async def register_agent(
     rt: Runtime, authorization: str | None, body: AgentRegister
 ) -> AgentRegistered:
-    if body.version not in messages.SUPPORTED_VERSIONS:
-        raise Invalid(
-            f"agent speaks protocol version {body.version}, this dispatcher speaks "
-            f"{sorted(messages.SUPPORTED_VERSIONS)}: upgrade the older side"
-        )
+    check_protocol(body.version, body.protocol_minor)
     async with rt.sessions() as session:
         token = await authenticate_agent(session, authorization)
     if token.pool != body.pool:
         raise Conflict(
             f"this token belongs to pool {token.pool} but the agent asked for pool {body.pool}"
         )
-    agent_id = agent_id_for(body.hostname)
-    await rt.declare_agent_queue(agent_id)
     now = time.time()
+    agent = Agent(
+        id=agent_id_for(body.hostname),
+        pool=body.pool,
+        token_id=token.id,
+        hostname=body.hostname,
+        pid=body.pid,
+        concurrency=body.concurrency,
+        version=body.version,
+        protocol_minor=body.protocol_minor,
+        state="online",
+        registered_at=now,
+        last_seen_at=now,
+    )
+    await rt.declare_agent_queue(agent.id)
+    scoped = None
+    # An agent a minor version behind (1.0) knows no scoped credentials: it keeps its own.
+    if rt.settings.agent_credentials == "scoped" and body.protocol_minor >= 1:
+        try:
+            scoped = await credentials.issue(rt, agent)
+        except credentials.CredentialsError as exc:
+            raise Unavailable(str(exc)) from None
     async with rt.sessions.begin() as session:
-        session.add(
-            Agent(
-                id=agent_id,
-                pool=body.pool,
-                token_id=token.id,
-                hostname=body.hostname,
-                pid=body.pid,
-                concurrency=body.concurrency,
-                version=body.version,
-                state="online",
-                registered_at=now,
-                last_seen_at=now,
-            )
-        )
+        session.add(agent)
         stored = await session.get(Token, token.id)
         if stored is not None:
             stored.last_used_at = now
     log.info(
         "agent registered",
-        extra={"agent_id": agent_id, "pool": body.pool, "hostname": body.hostname},
+        extra={
+            "agent_id": agent.id,
+            "pool": body.pool,
+            "hostname": body.hostname,
+            "protocol": messages.protocol_name(body.version, body.protocol_minor),
+            "credentials": rt.settings.agent_credentials,
+        },
     )
     return AgentRegistered(
-        agent_id=agent_id,
+        agent_id=agent.id,
         pool=body.pool,
         heartbeat_ttl=rt.settings.heartbeat_ttl,
         protocol_version=messages.PROTOCOL_VERSION,
+        protocol_minor=messages.PROTOCOL_MINOR,
+        credentials=scoped,
+        signing_public_keys=rt.public_keys,
     )
 
 

@@ -126,7 +126,7 @@ class Watchdog:
         if agent is not None:
             closed = await self.cut_off(agent.pool, agent_id)
         now = time.time()
-        stopped: list[tuple[str, int]] = []
+        stopped: list[tuple[str, str, int]] = []
         async with self.rt.sessions.begin() as session:
             if not await self.lease.still_held(session):
                 return
@@ -138,7 +138,7 @@ class Watchdog:
             for task in tasks:
                 decision = statemachine.on_agent_lost(transitions.snapshot(task), agent_id)
                 if isinstance(decision, statemachine.Transition):
-                    stopped.append((task.id, task.attempt))
+                    stopped.append((task.pool, task.id, task.attempt))
                     if decision.retry_in is not None:
                         self.rt.metrics.requeues.labels("agent_lost").inc()
                     transitions.apply(session, task, decision, now, error_json=AGENT_LOST_ERROR)
@@ -151,7 +151,7 @@ class Watchdog:
             "agent lost: its attempts were handed back",
             extra={
                 "agent_id": agent_id,
-                "tasks": [t for t, _ in stopped],
+                "tasks": [t for _, t, _ in stopped],
                 "connection_closed": closed,
             },
         )
@@ -179,7 +179,7 @@ class Watchdog:
         """Attempts past their timeout by more than a TTL: the agent failed to enforce it."""
         now = time.time()
         margin = self.rt.settings.heartbeat_ttl + 5.0
-        by_agent: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        by_agent: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
         async with self.rt.sessions.begin() as session:
             if not await self.lease.still_held(session):
                 return
@@ -195,7 +195,7 @@ class Watchdog:
                     continue
                 decision = statemachine.on_overdue(transitions.snapshot(task))
                 if isinstance(decision, statemachine.Transition):
-                    by_agent[task.agent_id or ""].append((task.id, task.attempt))
+                    by_agent[task.agent_id or ""].append((task.pool, task.id, task.attempt))
                     if decision.retry_in is not None:
                         self.rt.metrics.requeues.labels("timeout_backstop").inc()
                     error = f'{{"type": "TimedOut", "message": "no result {margin:g}s past the {task.timeout:g}s timeout"}}'
@@ -208,7 +208,7 @@ class Watchdog:
     async def expire_queued(self) -> None:
         """Queued tasks past their schedule-to-start limit (also in drained pools) expire."""
         now = time.time()
-        expired: list[str] = []
+        expired: list[tuple[str, str]] = []
         async with self.rt.sessions.begin() as session:
             if not await self.lease.still_held(session):
                 return
@@ -223,18 +223,22 @@ class Watchdog:
                 decision = statemachine.on_expiry(transitions.snapshot(task))
                 if isinstance(decision, statemachine.Transition):
                     transitions.apply(session, task, decision, now)
-                    expired.append(task.id)
+                    expired.append((task.pool, task.id))
             if expired:
-                await session.execute(delete(Outbox).where(Outbox.task_id.in_(expired)))
+                await session.execute(
+                    delete(Outbox).where(Outbox.task_id.in_([t for _, t in expired]))
+                )
         if expired:
             # Copies already in a queue must not start: agents check this marker when claiming.
             async with self.rt.redis.pipeline(transaction=False) as pipe:
-                for task_id in expired:
-                    pipe.set(self.rt.keys.cancelled(task_id), "expired", ex=LEASE_TOMBSTONE_TTL)
+                for pool, task_id in expired:
+                    pipe.set(
+                        self.rt.keys.cancelled(pool, task_id), "expired", ex=LEASE_TOMBSTONE_TTL
+                    )
                 await pipe.execute()
             self.rt.notify_applied()
 
-    async def stop_attempts(self, agent_id: str, attempts: list[tuple[str, int]]) -> None:
+    async def stop_attempts(self, agent_id: str, attempts: list[tuple[str, str, int]]) -> None:
         """Fence the old attempts: tombstone their leases and tell the agent to kill them.
 
         Whichever the agent sees first when it wakes up, the control message or its lease
@@ -242,14 +246,16 @@ class Watchdog:
         """
         try:
             async with self.rt.redis.pipeline(transaction=False) as pipe:
-                for task_id, attempt in attempts:
+                for pool, task_id, attempt in attempts:
                     pipe.set(
-                        self.rt.keys.lease(task_id, attempt), "watchdog", ex=LEASE_TOMBSTONE_TTL
+                        self.rt.keys.lease(pool, task_id, attempt),
+                        "watchdog",
+                        ex=LEASE_TOMBSTONE_TTL,
                     )
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("could not tombstone leases", extra={"error": str(exc)})
         if agent_id:
-            for task_id, attempt in attempts:
+            for _, task_id, attempt in attempts:
                 control = messages.Control(action="lease_lost", task_id=task_id, attempt=attempt)
                 await self.rt.publish_control(agent_id, control)

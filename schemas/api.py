@@ -137,7 +137,19 @@ class AgentRegister(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pid: int
     concurrency: int
     version: int
+    """The wire protocol's major version the agent speaks."""
+    protocol_minor: int = 0
+    """Its minor version: the dispatcher accepts agents up to one minor version behind."""
     allow: list[str] = []
+
+
+class ScopedCredentials(msgspec.Struct, kw_only=True):
+    """A broker user and a Redis user of the agent's own; the agent puts them in its URLs."""
+
+    amqp_username: str
+    amqp_password: str
+    redis_username: str
+    redis_password: str
 
 
 class AgentRegistered(msgspec.Struct, kw_only=True):
@@ -145,9 +157,11 @@ class AgentRegistered(msgspec.Struct, kw_only=True):
     pool: str
     heartbeat_ttl: float
     protocol_version: int
-    amqp_url: str | None = None
-    """Broker URL with credentials scoped to the pool, when the dispatcher issues them."""
-    redis_url: str | None = None
+    protocol_minor: int = 0
+    credentials: ScopedCredentials | None = None
+    """Set when the orchestration plane issues scoped credentials (the default)."""
+    signing_public_keys: list[str] = []
+    """Public keys of the orchestration plane: the agent runs only tasks signed by one."""
 
 
 class TokenCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -12,7 +12,17 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 PROTOCOL_VERSION = 1
+"""The wire's major version: messages carry it as ``v``; a different major is refused."""
 SUPPORTED_VERSIONS = frozenset({1})
+PROTOCOL_MINOR = 1
+"""Minor versions add optional fields (omitted when unused) and headers: 1.1 signs tasks and
+issues scoped credentials. Agents one minor version behind keep working."""
+OLDEST_AGENT_MINOR = PROTOCOL_MINOR - 1
+
+
+def protocol_name(major: int, minor: int) -> str:
+    return f"{major}.{minor}"
+
 
 TaskKind = Literal["function", "command"]
 

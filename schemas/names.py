@@ -37,6 +37,19 @@ def dispatcher_connection_name(host: str) -> str:
     return f"rexec-dispatcher@{host}"
 
 
+AGENT_USER_PREFIX = "rexec-agent-"
+"""RabbitMQ users the dispatcher issues to agents are ``rexec-agent-<agent-id>``."""
+
+
+def agent_broker_user(agent_id: str) -> str:
+    return f"{AGENT_USER_PREFIX}{agent_id}"
+
+
+def agent_of_broker_user(user: str) -> str | None:
+    """The agent a broker user was issued to, or None for any other user (an operator's)."""
+    return user[len(AGENT_USER_PREFIX) :] if user.startswith(AGENT_USER_PREFIX) else None
+
+
 class RedisKeys:
     """Redis key layout under one prefix (``rexec`` unless tests isolate themselves)."""
 
@@ -51,15 +64,46 @@ class RedisKeys:
         """Set of ``task:attempt`` leases the agent holds, so it can re-assert them."""
         return f"{self.prefix}:agent:{agent_id}:leases"
 
-    def lease(self, task_id: str, attempt: int) -> str:
-        return f"{self.prefix}:lease:{task_id}:{attempt}"
+    def lease(self, pool: str, task_id: str, attempt: int) -> str:
+        """Who runs that attempt. Under the pool, so an agent's Redis user reaches its pool's
+        leases only."""
+        return f"{self.prefix}:lease:{pool}:{task_id}:{attempt}"
 
-    def cancelled(self, task_id: str) -> str:
+    def cancelled(self, pool: str, task_id: str) -> str:
         """Marker checked by the claim script so a cancelled task never starts."""
-        return f"{self.prefix}:cancelled:{task_id}"
+        return f"{self.prefix}:cancelled:{pool}:{task_id}"
 
     def agents_pattern(self) -> str:
         return f"{self.prefix}:agent:*"
+
+    def acl_user(self, agent_id: str) -> str:
+        """The Redis ACL user issued to an agent (under the prefix, so test runs stay apart)."""
+        return f"{self.prefix}-agent-{agent_id}"
+
+    def agent_acl_rules(self, pool: str, agent_id: str) -> list[str]:
+        """What an agent's Redis user may do: write its own heartbeat and lease set and its
+        pool's leases, read other heartbeats (a claim checks the holder is dead) and its
+        pool's cancel markers, run the lease scripts. Scripts are checked key by key too."""
+        return [
+            f"~{self.agent(agent_id)}",
+            f"~{self.agent_leases(agent_id)}",
+            f"~{self.prefix}:lease:{pool}:*",
+            f"%R~{self.agents_pattern()}",
+            f"%R~{self.prefix}:cancelled:{pool}:*",
+            "resetchannels",
+            "-@all",
+            "+@connection",
+            "+get",
+            "+set",
+            "+del",
+            "+exists",
+            "+expire",
+            "+sadd",
+            "+srem",
+            "+evalsha",
+            "+eval",
+            "+script|load",
+        ]
 
 
 def validate_pool_name(pool: str) -> str:

@@ -37,6 +37,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Port of the agent's health server (``/healthz``, ``/readyz``, ``/metrics``); 0 turns it
     off, so several agents on one machine do not collide. The Helm chart sets 8081."""
     api_key: str = ""
+    agent_credentials: str = "scoped"
+    """``scoped``: each agent gets a RabbitMQ user and a Redis ACL user of its own at
+    registration, limited to its pool by the servers themselves (needs the management API and
+    a Redis user allowed to run ACL). ``shared``: agents use the credentials in their own
+    URLs, and the servers cannot tell agents apart."""
+    signing_key: str = ""
+    """The orchestration plane's Ed25519 private key (URL-safe base64) signing every task
+    message. Empty: one is generated once and kept in the metadata database."""
+    signing_extra_public_keys: str = ""
+    """Comma-separated public keys agents accept besides the current one, for key rotation."""
+    signing_public_keys: str = ""
+    """On an agent: the public keys it accepts. Empty: the ones announced at registration;
+    set, they are pinned and registration cannot change them."""
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -51,6 +64,20 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
             raw[field.name] = value
     raw.update(overrides)
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ValueError(f"invalid rexec setting: {exc} (check the REXEC_* variables)") from None
+    if settings.agent_credentials not in AGENT_CREDENTIALS:
+        raise ValueError(
+            f"invalid rexec setting: REXEC_AGENT_CREDENTIALS={settings.agent_credentials!r}; "
+            f"use one of {', '.join(AGENT_CREDENTIALS)}"
+        )
+    return settings
+
+
+AGENT_CREDENTIALS = ("scoped", "shared")
+
+
+def key_list(value: str) -> list[str]:
+    """A comma-separated setting as a list, blanks dropped."""
+    return [item.strip() for item in value.split(",") if item.strip()]

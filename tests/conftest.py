@@ -18,7 +18,9 @@ import httpx
 import pytest
 import redis
 
+from schemas.names import AGENT_USER_PREFIX
 from schemas.settings import Settings, load_settings
+from tests.support import SIGNER, SIGNING_KEY
 
 AMQP_HOST = os.environ.get("REXEC_TEST_AMQP_HOST", "127.0.0.1:5672")
 MANAGEMENT_URL = os.environ.get("REXEC_TEST_MANAGEMENT_URL", "http://127.0.0.1:15672")
@@ -42,6 +44,12 @@ def vhost(run_id: str) -> Iterator[str]:
         json={"configure": ".*", "write": ".*", "read": ".*"},
     ).raise_for_status()
     yield name
+    # Agents' broker users outlive the vhost: remove the ones this session's agents were given.
+    permissions = api.get(f"/api/vhosts/{path}/permissions")
+    if permissions.is_success:
+        for entry in permissions.json():
+            if entry["user"].startswith(AGENT_USER_PREFIX):
+                api.delete(f"/api/users/{quote(entry['user'], safe='')}")
     api.delete(f"/api/vhosts/{path}")
 
 
@@ -58,6 +66,9 @@ def redis_prefix(run_id: str) -> Iterator[str]:
     keys = list(client.scan_iter(f"{prefix}:*", count=1000))
     if keys:
         client.delete(*keys)
+    users = [u for u in map(str, client.acl_users()) if u.startswith(f"{prefix}-")]
+    if users:
+        client.acl_deluser(*users)
     client.close()
 
 
@@ -107,6 +118,8 @@ def settings(database_url: str, amqp_url: str, redis_prefix: str, tmp_path: Path
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,
         heartbeat_ttl=3.0,
+        signing_key=SIGNING_KEY,
+        signing_public_keys=SIGNER.public_key,
     )
 
 

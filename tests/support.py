@@ -16,9 +16,16 @@ from typing import TypeVar
 import anyio
 import httpx
 
+from schemas.signing import Signer, generate_private_key
+
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
+
+SIGNING_KEY = generate_private_key()
+"""This test process's orchestration-plane key: dispatchers the tests start sign with it and
+in-process agents trust it (each xdist worker makes its own)."""
+SIGNER = Signer(SIGNING_KEY)
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:

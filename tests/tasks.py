@@ -45,9 +45,11 @@ def crash() -> None:
 
 
 def write_pid(path: str, seconds: float) -> int:
-    """Record which process runs the task, then run for a while."""
-    with open(path, "w") as handle:
+    """Record which process runs the task, then run for a while. The file appears whole
+    (written aside, then renamed): a test that sees it can read the pid."""
+    with open(f"{path}.part", "w") as handle:
         handle.write(str(os.getpid()))
+    os.replace(f"{path}.part", path)
     time.sleep(seconds)
     return os.getpid()
 

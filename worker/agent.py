@@ -31,9 +31,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from yarl import URL
 
-from schemas import messages, names, tracing
+from schemas import messages, names, signing, tracing
 from schemas.names import RedisKeys
-from schemas.settings import Settings
+from schemas.settings import Settings, key_list
 
 from . import spans
 from .allow import allowed, refusal, task_target
@@ -132,6 +132,8 @@ class Agent:
         self.pause_after = pause_after
         self.return_after = return_after
         self.keys = RedisKeys(settings.redis_prefix)
+        self._verifier = _verifier(settings)
+        self.broker_user = broker_user(settings.amqp_url)
         self.stats = AgentStats()
         self.metrics = AgentMetrics(self)
         self._reporter = Reporter(agent_id)
@@ -147,6 +149,8 @@ class Agent:
         self._started = False
         self._stop_requested_at: float | None = None
         self._connection: AbstractRobustConnection | None = None
+        self._failure: AgentError | None = None
+        self._serve_scope: anyio.CancelScope | None = None
         self._wired = False  # the parts below exist
         self._serving = False  # consuming was started
         # Set while running:
@@ -263,8 +267,8 @@ class Agent:
         queue = await self._pool_queue(self._channel)
         events = await self._channel.get_exchange(names.EVENTS_EXCHANGE, ensure=False)
         self._dead_exchange = await self._channel.get_exchange(names.DEAD_EXCHANGE, ensure=False)
-        self._publisher = EventPublisher(events)
-        self._leases = LeaseStore(redis, self.keys, self.agent_id)
+        self._publisher = EventPublisher(events, user_id=self.broker_user)
+        self._leases = LeaseStore(redis, self.keys, self.pool, self.agent_id)
         self._heartbeat = Heartbeat(
             redis=redis,
             keys=self.keys,
@@ -276,6 +280,7 @@ class Agent:
             held=lambda: sorted(self._held),
             running=lambda: self.running,
             on_lost=self._on_lease_lost,
+            on_refused=self._credentials_refused,
         )
         self._intake = Intake(
             queue,
@@ -287,6 +292,17 @@ class Agent:
         self._wired = True
         if not await self._first_beat():
             return
+        with anyio.CancelScope() as self._serve_scope:
+            await self._serve_wired(connection, task_status)
+        if self._failure is not None:
+            raise self._failure
+        await self._heartbeat.stop()
+        self._log(logging.INFO, "agent stopped", **_asdict(self.stats))
+
+    async def _serve_wired(
+        self, connection: AbstractRobustConnection, task_status: TaskStatus[None]
+    ) -> None:
+        assert self._stop_requested is not None
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._publisher.run)
             async with open_child_pool(
@@ -322,8 +338,6 @@ class Agent:
                     await self._drain()
                     work.cancel_scope.cancel()
             await self._go_offline()
-        await self._heartbeat.stop()
-        self._log(logging.INFO, "agent stopped", **_asdict(self.stats))
 
     async def _pool_queue(self, channel: AbstractChannel) -> AbstractQueue:
         name = names.pool_queue(self.pool)
@@ -446,6 +460,13 @@ class Agent:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         self.stats.received += 1
+        try:
+            self._verifier.verify(
+                message.body, (message.headers or {}).get(signing.SIGNATURE_HEADER)
+            )
+        except signing.SignatureError as exc:
+            await self._dead_letter(message, f"refused: {exc}")
+            return
         try:
             task = messages.decode_task(message.body)
             if task.pool != self.pool:
@@ -647,6 +668,17 @@ class Agent:
         except (RedisError, OSError) as exc:
             self._log_task(logging.WARNING, "could not abandon the lease", task, error=str(exc))
 
+    def _credentials_refused(self, why: str) -> None:
+        """Our credentials are gone: we cannot report, so stop every attempt and exit."""
+        if self._failure is not None:
+            return
+        self._failure = AgentError(f"{why}; stopped every running attempt and exited")
+        for attempt in self.attempts.all():
+            attempt.stop(StopReason.LEASE_LOST)
+        self._log(logging.ERROR, "cut off: " + str(self._failure), running=self.running)
+        if self._serve_scope is not None:
+            self._serve_scope.cancel()
+
     def _on_lease_lost(self, lost: LostLease) -> None:
         self._lease_lost(lost.task_id, lost.attempt, lost.holder)
 
@@ -688,7 +720,12 @@ class Agent:
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         published = await dead_letter(
-            self._dead_exchange, message, reason=reason, pool=self.pool, agent_id=self.agent_id
+            self._dead_exchange,
+            message,
+            reason=reason,
+            pool=self.pool,
+            agent_id=self.agent_id,
+            user_id=self.broker_user,
         )
         if not published:
             await self._reject(message)
@@ -727,6 +764,27 @@ async def _first_of(events: Sequence[anyio.Event]) -> None:
 
 def _asdict(stats: AgentStats) -> dict[str, object]:
     return dict(stats.__dict__)
+
+
+def _verifier(settings: Settings) -> signing.Verifier:
+    keys = key_list(settings.signing_public_keys)
+    if not keys:
+        raise AgentError(
+            "no signing public key: the agent runs only tasks signed by the orchestration "
+            "plane; it learns the key at registration, or set REXEC_SIGNING_PUBLIC_KEYS"
+        )
+    try:
+        return signing.Verifier(keys)
+    except signing.KeyFormatError as exc:
+        raise AgentError(f"{exc} (in REXEC_SIGNING_PUBLIC_KEYS)") from None
+
+
+def broker_user(amqp_url: str) -> str:
+    """The user the agent logs in to RabbitMQ as (aio-pika's default is guest)."""
+    try:
+        return URL(amqp_url.split(",")[0].strip()).user or "guest"
+    except ValueError:
+        return "guest"
 
 
 def _safe_url(url: str) -> str:

@@ -13,7 +13,6 @@ import socket
 import sys
 
 import anyio
-import msgspec
 
 from schemas import logs, messages, tracing
 from schemas.api import AgentRegister
@@ -21,6 +20,7 @@ from schemas.names import validate_pool_name
 from schemas.settings import Settings, load_settings
 
 from .agent import Agent, AgentError
+from .credentials import registered_settings
 from .registration import RegistrationError, register
 
 log = logging.getLogger("rexec.agent.cli")
@@ -94,21 +94,21 @@ async def _serve(settings: Settings, options: argparse.Namespace) -> None:
             pid=os.getpid(),
             concurrency=options.concurrency,
             version=messages.PROTOCOL_VERSION,
+            protocol_minor=messages.PROTOCOL_MINOR,
             allow=options.allow,
         ),
     )
-    overrides: dict[str, object] = {"heartbeat_ttl": registered.heartbeat_ttl}
-    if registered.amqp_url:
-        overrides["amqp_url"] = registered.amqp_url
-    if registered.redis_url:
-        overrides["redis_url"] = registered.redis_url
-    settings = msgspec.structs.replace(settings, **overrides)
+    settings = registered_settings(settings, registered)
     log.info(
         "registered",
         extra={
             "agent_id": registered.agent_id,
             "pool": registered.pool,
             "heartbeat_ttl": registered.heartbeat_ttl,
+            "protocol": messages.protocol_name(
+                registered.protocol_version, registered.protocol_minor
+            ),
+            "credentials": "scoped" if registered.credentials else "own",
         },
     )
     agent = Agent(

@@ -27,6 +27,7 @@ async def dead_letter(
     reason: str,
     pool: str,
     agent_id: str,
+    user_id: str | None = None,
 ) -> bool:
     """Publish the copy and wait for the confirm (retrying). False if it is unroutable."""
     headers = dict(message.headers or {})
@@ -37,6 +38,7 @@ async def dead_letter(
         headers=headers,
         content_type=message.content_type,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        user_id=user_id,
     )
     delay = 0.05
     while True:

@@ -45,8 +45,12 @@ class EventPublisher:
         *,
         max_batch: int = MAX_BATCH,
         max_in_flight: int = MAX_IN_FLIGHT,
+        user_id: str | None = None,
     ) -> None:
         self._exchange = exchange
+        self._user_id = user_id
+        """The broker user we log in as: the broker checks it, so the dispatcher can tell
+        which agent really published a batch."""
         self._max_batch = max_batch
         self._in_flight = anyio.Semaphore(max_in_flight)
         self._queue: deque[_Batch] = deque()
@@ -97,6 +101,7 @@ class EventPublisher:
                             body,
                             content_type="application/json",
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            user_id=self._user_id,
                         ),
                         routing_key="",
                         timeout=PUBLISH_TIMEOUT,

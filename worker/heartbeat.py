@@ -15,7 +15,7 @@ from collections.abc import Callable
 import anyio
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 
 from schemas.names import RedisKeys
 
@@ -40,6 +40,7 @@ class Heartbeat:
         held: Callable[[], list[tuple[str, int]]],
         running: Callable[[], int],
         on_lost: Callable[[LostLease], None],
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.redis = redis
         self.key = keys.agent(agent_id)
@@ -52,6 +53,11 @@ class Heartbeat:
         self._held = held
         self._running = running
         self._on_lost = on_lost
+        self._on_refused = on_refused
+        self.refused_for = max(30.0, 5 * ttl)
+        """Seconds Redis may refuse our login before we take it that our credentials were
+        withdrawn (a restarted Redis refuses too, until the dispatcher restores the user)."""
+        self._refused_since: float | None = None
         self.beats = 0
         self.failures = 0
         """Beats that could not reach Redis."""
@@ -62,11 +68,27 @@ class Heartbeat:
         """One beat; raises ``RedisError`` or ``OSError`` when Redis cannot be reached."""
         try:
             await self._beat()
+        except AuthenticationError as exc:
+            self._refused(str(exc))
+            raise
         except (RedisError, OSError):
             self.failures += 1
             self.failing = True
             raise
         self.failing = False
+        self._refused_since = None
+
+    def _refused(self, error: str) -> None:
+        self.failures += 1
+        self.failing = True
+        now = time.monotonic()
+        if self._refused_since is None:
+            self._refused_since = now
+        elif now - self._refused_since >= self.refused_for and self._on_refused is not None:
+            self._on_refused(
+                f"Redis has refused this agent's login for {now - self._refused_since:.0f}s "
+                f"({error}): its credentials were withdrawn (token revoked?)"
+            )
 
     async def _beat(self) -> None:
         value = _json.encode(

@@ -1,6 +1,6 @@
 """Leases in Redis: which agent runs which attempt, decided atomically by Lua scripts.
 
-A lease key ``lease:<task>:<attempt>`` holds the agent id. Claiming is one script so two
+A lease key ``lease:<pool>:<task>:<attempt>`` holds the agent id. Claiming is one script so two
 deliveries of one attempt (a relay replay, a redelivery) can never both start: the second
 finds a live holder. A holder whose heartbeat key is gone is dead, and its lease is taken
 over. The agent also keeps a set of the leases it holds, and re-asserts them on each beat,
@@ -22,9 +22,11 @@ RELEASED_TTL = 600
 """Seconds a released lease lingers, so a late duplicate delivery is still recognised."""
 
 _CLAIM = """
--- KEYS: lease, cancel marker, agent's lease set. ARGV: agent id, ttl, heartbeat key prefix,
--- set member. Returns {outcome, previous holder}.
-if redis.call('EXISTS', KEYS[2]) == 1 then
+-- KEYS: lease, agent's lease set. ARGV: agent id, ttl, heartbeat key prefix, set member,
+-- cancel marker. Returns {outcome, previous holder}. The keys only read (the marker, the
+-- holder's heartbeat) are not KEYS: Redis' ACL takes every declared key as written, and an
+-- agent may only read those.
+if redis.call('EXISTS', ARGV[5]) == 1 then
   return {'cancelled', ''}
 end
 local holder = redis.call('GET', KEYS[1])
@@ -34,7 +36,7 @@ if holder then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[4])
 return {'claimed', holder or ''}
 """
 
@@ -108,9 +110,10 @@ def _text(value: bytes | str) -> str:
 class LeaseStore:
     """The agent's side of the lease protocol."""
 
-    def __init__(self, redis: Redis, keys: RedisKeys, agent_id: str) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, pool: str, agent_id: str) -> None:
         self.redis = redis
         self.keys = keys
+        self.pool = pool
         self.agent_id = agent_id
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
@@ -122,24 +125,35 @@ class LeaseStore:
     async def claim(self, task_id: str, attempt: int) -> ClaimResult:
         raw = await self._claim(
             keys=[
-                self.keys.lease(task_id, attempt),
-                self.keys.cancelled(task_id),
+                self.keys.lease(self.pool, task_id, attempt),
                 self.keys.agent_leases(self.agent_id),
             ],
-            args=[self.agent_id, LEASE_TTL, self.keys.agent(""), member(task_id, attempt)],
+            args=[
+                self.agent_id,
+                LEASE_TTL,
+                self.keys.agent(""),
+                member(task_id, attempt),
+                self.keys.cancelled(self.pool, task_id),
+            ],
         )
         return ClaimResult(Claim(_text(raw[0])), _text(raw[1]))
 
     async def release(self, task_id: str, attempt: int) -> None:
         await self._release(
-            keys=[self.keys.lease(task_id, attempt), self.keys.agent_leases(self.agent_id)],
+            keys=[
+                self.keys.lease(self.pool, task_id, attempt),
+                self.keys.agent_leases(self.agent_id),
+            ],
             args=[self.agent_id, RELEASED_TTL, member(task_id, attempt)],
         )
 
     async def abandon(self, task_id: str, attempt: int) -> None:
         """Undo a claim of an attempt that never started, so another agent can claim it."""
         await self._abandon(
-            keys=[self.keys.lease(task_id, attempt), self.keys.agent_leases(self.agent_id)],
+            keys=[
+                self.keys.lease(self.pool, task_id, attempt),
+                self.keys.agent_leases(self.agent_id),
+            ],
             args=[self.agent_id, member(task_id, attempt)],
         )
 
@@ -154,7 +168,7 @@ class LeaseStore:
             return []
         raw = await self._reassert(
             keys=[self.keys.agent_leases(self.agent_id)]
-            + [self.keys.lease(task_id, attempt) for task_id, attempt in held],
+            + [self.keys.lease(self.pool, task_id, attempt) for task_id, attempt in held],
             args=[self.agent_id, LEASE_TTL, *(member(t, a) for t, a in held)],
         )
         lost: list[LostLease] = []

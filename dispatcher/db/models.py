@@ -61,6 +61,13 @@ class Agent(Base):
     state: Mapped[str] = mapped_column(String(16), default="online")
     registered_at: Mapped[float] = mapped_column(Double)
     last_seen_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    protocol_minor: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    broker_user: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    """The RabbitMQ user issued to this agent (scoped credentials), if any."""
+    redis_user: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    redis_password_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """SHA-256 of the Redis password: enough to re-create the ACL user after Redis lost it."""
+    credentials_withdrawn_at: Mapped[float | None] = mapped_column(Double, nullable=True)
 
 
 class Task(Base):
@@ -120,6 +127,16 @@ class Outbox(Base):
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"))
     attempt: Mapped[int] = mapped_column(Integer)
     available_at: Mapped[float] = mapped_column(Double, index=True)
+
+
+class DispatcherKey(Base):
+    """Keys the dispatcher replicas share, e.g. the generated task-signing key."""
+
+    __tablename__ = "dispatcher_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Double)
 
 
 class Leader(Base):

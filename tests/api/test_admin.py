@@ -156,7 +156,8 @@ async def test_register_agent(api: httpx.AsyncClient, runtime: Runtime, pool: st
             409,
             "this token belongs to pool {other} but the agent asked for pool {pool}",
         ),
-        ("old-protocol", 422, "protocol version 99"),
+        ("new-protocol", 422, "agent speaks protocol 99.0"),
+        ("old-protocol", 422, "upgrade the agent"),
     ],
 )
 async def test_register_refuses(
@@ -190,8 +191,10 @@ async def test_register_refuses(
             )
         listed = (await api.get("/v1/tokens", params={"pool": pool})).json()
         assert listed[0]["state"] == "expired"
-    elif case == "old-protocol":
+    elif case == "new-protocol":
         body["version"] = 99
+    elif case == "old-protocol":
+        body["version"] = 0
     response = await api.post("/v1/agents/register", json=body, headers=headers)
     assert response.status_code == status, response.text
     assert message.format(other=other, pool=pool) in response.json()["error"]

@@ -224,7 +224,7 @@ async def test_cancel_queued_task(api: httpx.AsyncClient, runtime: Runtime, pool
     assert response.status_code == 200, response.text
     assert response.json()["state"] == "cancelled"
     assert await outbox_rows(runtime, task["id"]) == []
-    marker = runtime.keys.cancelled(task["id"])
+    marker = runtime.keys.cancelled(pool, task["id"])
     assert await runtime.redis.exists(marker)
     assert 0 < await runtime.redis.ttl(marker) <= 86400
     view = (await api.get(f"/v1/tasks/{task['id']}")).json()

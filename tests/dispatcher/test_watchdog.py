@@ -54,7 +54,9 @@ async def test_a_running_task_of_a_dead_agent_is_requeued_as_a_new_attempt(
     assert (task.state, task.attempt, task.agent_id) == ("queued", 2, None)
     async with rt.sessions() as session:
         assert await session.scalar(select(Outbox.attempt).where(Outbox.task_id == task_id)) == 2
-    assert await rt.redis.get(rt.keys.lease(task_id, 1)) == b"watchdog", "the old lease is fenced"
+    assert await rt.redis.get(rt.keys.lease(pool_name, task_id, 1)) == b"watchdog", (
+        "the old lease is fenced"
+    )
 
 
 @pytest.mark.anyio
@@ -132,7 +134,9 @@ async def test_queued_tasks_past_their_start_deadline_expire_even_in_a_drained_p
             )
             == 0
         )
-    assert await rt.redis.exists(rt.keys.cancelled(task_id)), "copies already queued must not start"
+    assert await rt.redis.exists(rt.keys.cancelled(pool_name, task_id)), (
+        "copies already queued must not start"
+    )
 
 
 @pytest.mark.anyio

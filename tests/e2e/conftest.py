@@ -24,6 +24,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "REXEC_WATCHDOG_INTERVAL": str(settings.watchdog_interval),
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
+    if settings.signing_key:
+        env["REXEC_SIGNING_KEY"] = settings.signing_key
     if settings.management_url != Settings().management_url:  # a private broker's
         env["REXEC_MANAGEMENT_URL"] = settings.management_url
     return env

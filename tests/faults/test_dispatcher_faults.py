@@ -17,9 +17,11 @@ from client import RexecClient
 from dispatcher.db.engine import make_engine, make_sessionmaker
 from dispatcher.db.models import Leader, Task
 from dispatcher.relay import task_message
+from dispatcher.signing_key import load_signer
 from schemas import messages, names
 from schemas.api import SubmitTask, TaskState
 from schemas.settings import Settings
+from schemas.signing import SIGNATURE_HEADER
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import ALLOW, FAST, assert_each_terminal_once
 from tests.faults.test_agent_faults import online, running_on
@@ -111,7 +113,9 @@ def test_an_attempt_published_twice_runs_once(plane: Plane, pool_name: str, runs
 async def publish_as_the_relay_would(settings: Settings, ids: list[str]) -> None:
     engine = make_engine(settings.database_url)
     try:
-        async with make_sessionmaker(engine)() as session:
+        sessions = make_sessionmaker(engine)
+        signer = await load_signer(settings, sessions)
+        async with sessions() as session:
             tasks = (await session.scalars(select(Task).where(Task.id.in_(ids)))).all()
         connection = await aio_pika.connect(settings.amqp_url)
         async with connection:
@@ -120,7 +124,10 @@ async def publish_as_the_relay_would(settings: Settings, ids: list[str]) -> None
             for task in tasks:
                 body = messages.encode(task_message(task, task.attempt))
                 await exchange.publish(
-                    aio_pika.Message(body, delivery_mode=2), routing_key=task.pool
+                    aio_pika.Message(
+                        body, delivery_mode=2, headers={SIGNATURE_HEADER: signer.sign(body)}
+                    ),
+                    routing_key=task.pool,
                 )
     finally:
         await engine.dispose()

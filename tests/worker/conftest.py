@@ -11,6 +11,7 @@ from dispatcher import topology
 from schemas.names import RedisKeys
 from schemas.settings import Settings, load_settings
 from tests.conftest import REDIS_URL
+from tests.support import SIGNER
 from tests.worker.harness import Broker, open_broker
 
 
@@ -27,6 +28,7 @@ def agent_settings(amqp_url: str, redis_prefix: str) -> Settings:
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,
         heartbeat_ttl=3.0,
+        signing_public_keys=SIGNER.public_key,
     )
 
 

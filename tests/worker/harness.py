@@ -16,7 +16,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from dispatcher import topology
 from schemas import messages, names
 from schemas.settings import Settings
-from tests.support import await_until
+from schemas.signing import SIGNATURE_HEADER
+from tests.support import SIGNER, await_until
 from worker.agent import Agent
 
 E = TypeVar("E", bound=messages.TaskEvent)
@@ -86,14 +87,18 @@ class Broker:
         pool: str,
         body: messages.TaskMessage | bytes,
         headers: dict[str, str] | None = None,
+        *,
+        signed: bool = True,
     ) -> None:
+        """Publish as the relay does: signed with the orchestration plane's (test) key."""
         data = body if isinstance(body, bytes) else messages.encode(body)
         exchange = await self.channel.get_exchange(names.TASKS_EXCHANGE, ensure=False)
+        signature = {SIGNATURE_HEADER: SIGNER.sign(data)} if signed else {}
         await exchange.publish(
             aio_pika.Message(
                 data,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                headers=dict(headers) if headers else None,
+                headers={**signature, **(headers or {})} or None,
             ),
             routing_key=pool,
         )

@@ -19,7 +19,7 @@ from dispatcher import topology
 from schemas import messages
 from schemas.names import RedisKeys
 from schemas.settings import Settings
-from tests.support import REPO, Process, free_port
+from tests.support import REPO, SIGNER, Process, free_port
 from tests.worker.fake_api import FakeApi, serve_fake_api
 from tests.worker.harness import Broker, task, until
 from worker import cli
@@ -82,7 +82,13 @@ def test_missing_pool_queue_exits_non_zero(
     agent_settings: Settings,
 ) -> None:
     api = FakeApi(
-        body={"agent_id": "a1", "pool": "ghost", "heartbeat_ttl": 3.0, "protocol_version": 1}
+        body={
+            "agent_id": "a1",
+            "pool": "ghost",
+            "heartbeat_ttl": 3.0,
+            "protocol_version": 1,
+            "signing_public_keys": [SIGNER.public_key],
+        }
     )
     with serve_fake_api(api):
         monkeypatch.setenv("REXEC_API_URL", api.url)
@@ -104,7 +110,13 @@ async def test_agent_process_registers_runs_and_drains_on_sigterm(
     agent_id = f"cli-{uuid.uuid4().hex[:8]}"
     await topology.declare_agent_queue(broker.channel, agent_id)
     api = FakeApi(
-        body={"agent_id": agent_id, "pool": pool, "heartbeat_ttl": 3.0, "protocol_version": 1}
+        body={
+            "agent_id": agent_id,
+            "pool": pool,
+            "heartbeat_ttl": 3.0,
+            "protocol_version": 1,
+            "signing_public_keys": [SIGNER.public_key],
+        }
     )
     with serve_fake_api(api):
         env = {

@@ -38,7 +38,7 @@ async def test_duplicate_delivery_runs_once(
         assert kinds == [messages.Started, messages.Succeeded]
         assert agent.stats.started == 2
         # The released lease lingers, short-lived, so late duplicates are still recognised.
-        lease = keys.lease(message.task_id, 1)
+        lease = keys.lease(pool, message.task_id, 1)
         assert redis_client.get(lease) == agent.agent_id
         assert 0 < redis_client.ttl(lease) <= 600
         assert not redis_client.sismember(
@@ -51,12 +51,12 @@ async def test_cancel_marker_prevents_start(
 ) -> None:
     async with running_agent(broker, agent_settings, pool) as agent:
         message = task(pool)
-        redis_client.set(keys.cancelled(message.task_id), "1", ex=60)
+        redis_client.set(keys.cancelled(pool, message.task_id), "1", ex=60)
         await broker.publish(pool, message)
         await until(lambda: agent.stats.cancelled_before_start == 1, 5, "the cancelled drop")
         assert isinstance(await broker.run(pool, task(pool)), messages.Succeeded)
         assert broker.of(message.task_id) == []
-        assert redis_client.get(keys.lease(message.task_id, 1)) is None
+        assert redis_client.get(keys.lease(pool, message.task_id, 1)) is None
 
 
 async def test_lease_of_a_dead_agent_is_taken_over(
@@ -64,7 +64,7 @@ async def test_lease_of_a_dead_agent_is_taken_over(
 ) -> None:
     async with running_agent(broker, agent_settings, pool) as agent:
         message = task(pool)
-        redis_client.set(keys.lease(message.task_id, 1), "dead-agent", ex=60)
+        redis_client.set(keys.lease(pool, message.task_id, 1), "dead-agent", ex=60)
         event = await broker.run(pool, message)
         assert isinstance(event, messages.Succeeded)
         assert event.agent_id == agent.agent_id
@@ -75,11 +75,11 @@ async def test_lease_of_a_live_agent_is_a_duplicate(
 ) -> None:
     async with running_agent(broker, agent_settings, pool) as agent:
         message = task(pool)
-        redis_client.set(keys.lease(message.task_id, 1), "live-agent", ex=60)
+        redis_client.set(keys.lease(pool, message.task_id, 1), "live-agent", ex=60)
         redis_client.set(keys.agent("live-agent"), "{}", ex=60)
         await broker.publish(pool, message)
         await until(lambda: agent.stats.duplicates == 1, 5, "the duplicate dropped")
-        assert redis_client.get(keys.lease(message.task_id, 1)) == "live-agent"
+        assert redis_client.get(keys.lease(pool, message.task_id, 1)) == "live-agent"
 
 
 async def test_heartbeat_key_describes_the_agent(
@@ -110,7 +110,7 @@ async def test_lost_leases_are_recreated(
         message = task(pool, "tests.tasks:sleep", args=[30])
         await broker.publish(pool, message)
         await broker.wait_for(message.task_id, messages.Started)
-        lease = keys.lease(message.task_id, 1)
+        lease = keys.lease(pool, message.task_id, 1)
         redis_client.delete(lease, keys.agent_leases(agent.agent_id), keys.agent(agent.agent_id))
         await until(lambda: redis_client.get(lease) == agent.agent_id, 5, "the lease recreated")
         assert redis_client.sismember(keys.agent_leases(agent.agent_id), member(message.task_id, 1))
@@ -137,13 +137,13 @@ async def test_attempt_whose_lease_was_taken_over_is_stopped(
         child = int(pidfile.read_text())
         # The watchdog presumed this agent dead and another agent took the attempt over.
         redis_client.set(keys.agent("usurper"), "{}", ex=60)
-        redis_client.set(keys.lease(message.task_id, 1), "usurper", ex=60)
+        redis_client.set(keys.lease(pool, message.task_id, 1), "usurper", ex=60)
         await until(lambda: agent.stats.leases_lost == 1, 5, "the attempt to be stopped")
         await until(lambda: not alive(child), 5, "the child to be killed")
         await until(lambda: agent.running == 0, 5, "the attempt to end")
         assert isinstance(await broker.run(pool, task(pool)), messages.Succeeded)
         assert [type(e) for e in broker.of(message.task_id)] == [messages.Started]
-        assert redis_client.get(keys.lease(message.task_id, 1)) == "usurper"
+        assert redis_client.get(keys.lease(pool, message.task_id, 1)) == "usurper"
     logged = [r.getMessage() for r in caplog.records]
     expected = f"lease for task {message.task_id} attempt 1 was taken over by usurper"
     assert any(expected in line and "stopped the attempt" in line for line in logged)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import httpx
+import msgspec
 import pytest
 
-from schemas.api import AgentRegister
+from schemas.api import AgentRegister, AgentRegistered
 from schemas.settings import load_settings
+from worker.credentials import registered_settings
 from worker.registration import RegistrationError, register
 
 pytestmark = pytest.mark.anyio
@@ -31,14 +33,22 @@ async def test_register_sends_token_and_body() -> None:
         "pool": "alpha",
         "heartbeat_ttl": 4.5,
         "protocol_version": 1,
-        "amqp_url": "amqp://scoped@broker/",
+        "protocol_minor": 1,
+        "credentials": {
+            "amqp_username": "rexec-agent-ag-1",
+            "amqp_password": "pw1",
+            "redis_username": "rexec-agent-ag-1",
+            "redis_password": "pw2",
+        },
+        "signing_public_keys": ["k1"],
     }
     settings = load_settings({}, api_url="http://api.test:8600/")
     registered = await register(settings, "s3cret", BODY, transport=transport(200, answer, seen))
     assert registered.agent_id == "ag-1"
     assert registered.heartbeat_ttl == 4.5
-    assert registered.amqp_url == "amqp://scoped@broker/"
-    assert registered.redis_url is None
+    assert registered.credentials is not None
+    assert registered.credentials.amqp_username == "rexec-agent-ag-1"
+    assert registered.signing_public_keys == ["k1"]
     [request] = seen
     assert str(request.url) == "http://api.test:8600/v1/agents/register"
     assert request.headers["Authorization"] == "Bearer s3cret"
@@ -48,6 +58,7 @@ async def test_register_sends_token_and_body() -> None:
         "pid": 1,
         "concurrency": 4,
         "version": 1,
+        "protocol_minor": 0,
         "allow": ["m:*"],
     }
 
@@ -97,3 +108,38 @@ async def test_unexpected_body_is_an_error() -> None:
     seen: list[httpx.Request] = []
     with pytest.raises(RegistrationError, match="unexpected body"):
         await register(load_settings({}), "t", BODY, transport=transport(200, {"x": 1}, seen))
+
+
+def test_registered_settings_log_in_with_the_issued_credentials() -> None:
+    """The agent keeps its own hosts, vhost and options and swaps in the issued login."""
+    registered = msgspec.convert(
+        {
+            "agent_id": "ag-1",
+            "pool": "alpha",
+            "heartbeat_ttl": 4.5,
+            "protocol_version": 1,
+            "credentials": {
+                "amqp_username": "rexec-agent-ag-1",
+                "amqp_password": "pw1",
+                "redis_username": "rx-agent-ag-1",
+                "redis_password": "pw2",
+            },
+            "signing_public_keys": ["k1", "k2"],
+        },
+        AgentRegistered,
+    )
+    settings = load_settings(
+        {},
+        amqp_url="amqps://guest:guest@n1:5671/prod?cafile=/ca.pem,amqps://n2:5671/prod",
+        redis_url="rediss://redis:6380/2",
+    )
+    done = registered_settings(settings, registered)
+    assert done.amqp_url == (
+        "amqps://rexec-agent-ag-1:pw1@n1:5671/prod?cafile=/ca.pem,"
+        "amqps://rexec-agent-ag-1:pw1@n2:5671/prod"
+    )
+    assert done.redis_url == "rediss://rx-agent-ag-1:pw2@redis:6380/2"
+    assert done.heartbeat_ttl == 4.5
+    assert done.signing_public_keys == "k1,k2"
+    pinned = msgspec.structs.replace(settings, signing_public_keys="pinned")
+    assert registered_settings(pinned, registered).signing_public_keys == "pinned"
