@@ -23,7 +23,6 @@ import anyio
 from redis.exceptions import RedisError
 from sqlalchemy import or_, select
 
-from schemas import names
 from schemas.api import ScopedCredentials
 
 from .db.models import Agent
@@ -101,8 +100,8 @@ async def withdraw(rt: Runtime, agent_ids: Iterable[str], reason: str) -> list[s
     """Delete the agents' users; return the agents whose credentials this call withdrew.
 
     The withdrawal is committed before the users are deleted, so the keeper, which re-checks
-    after restoring a user, can never bring one back. Deleting a Redis ACL user disconnects
-    its clients at once; broker connections are closed by ``close_connections``."""
+    after restoring a user, can never bring one back. Deleting the users disconnects their
+    clients at once: Redis and RabbitMQ both close the connections of a deleted user."""
     wanted = list(agent_ids)
     if not wanted:
         return []
@@ -136,24 +135,6 @@ async def _delete_redis_user(rt: Runtime, agent_id: str, user: str | None) -> No
             "will not have it, and the keeper does not restore withdrawn users",
             extra={"agent_id": agent_id, "error": str(exc)},
         )
-
-
-async def close_connections(rt: Runtime, agent_ids: Iterable[str], reason: str) -> int:
-    """Close the broker connections of these agents' users, retrying while none is listed."""
-    users = {names.agent_broker_user(agent_id) for agent_id in agent_ids}
-    if not users or not rt.settings.management_url:
-        return 0
-    management = Management(rt.settings)
-    deadline = anyio.current_time() + 8.0
-    closed = 0
-    while True:
-        try:
-            closed += await management.close_connections(lambda c: c.get("user") in users, reason)
-        except ManagementError as exc:
-            log.warning("could not close agents' connections", extra={"error": str(exc)})
-        if closed or anyio.current_time() > deadline:
-            return closed
-        await anyio.sleep(0.5)
 
 
 async def keep(rt: Runtime) -> None:

@@ -647,15 +647,8 @@ async def revoke_token(rt: Runtime, token_id: str) -> TokenView:
             token.revoked_at = now
         agent_ids = list(await session.scalars(select(Agent.id).where(Agent.token_id == token_id)))
     cut = await credentials.withdraw(rt, agent_ids, f"token {token_id} revoked")
-    closed = await credentials.close_connections(rt, cut, "rexec: the agent's token was revoked")
     log.info(
-        "token revoked",
-        extra={
-            "pool": token.pool,
-            "token_id": token_id,
-            "agents_cut_off": cut,
-            "connections_closed": closed,
-        },
+        "token revoked", extra={"pool": token.pool, "token_id": token_id, "agents_cut_off": cut}
     )
     return _token_view(token, now)
 

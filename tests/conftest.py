@@ -50,7 +50,12 @@ def vhost(run_id: str) -> Iterator[str]:
         for entry in permissions.json():
             if entry["user"].startswith(AGENT_USER_PREFIX):
                 api.delete(f"/api/users/{quote(entry['user'], safe='')}")
-    api.delete(f"/api/vhosts/{path}")
+    try:
+        api.delete(f"/api/vhosts/{path}")
+    except httpx.TimeoutException:
+        # The broker deletes the vhost but may answer late (it waits on other nodes it knows);
+        # a leftover empty vhost disturbs nobody.
+        pass
 
 
 @pytest.fixture(scope="session")

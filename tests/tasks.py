@@ -59,3 +59,9 @@ NOT_CALLABLE = 42
 
 def getenv(name: str) -> str | None:
     return os.environ.get(name)
+
+
+def touch(path: str) -> None:
+    """Leave a mark: a test asserts a forged task never got this far."""
+    with open(path, "w") as handle:
+        handle.write("ran")

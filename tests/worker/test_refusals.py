@@ -4,11 +4,15 @@ and the agent keeps consuming afterwards."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from schemas import messages, names
 from schemas.settings import Settings
+from schemas.signing import SIGNATURE_HEADER, Signer, generate_private_key
+from tests.support import SIGNER, await_until
 from tests.worker.harness import Broker, running_agent, task, until
 
 pytestmark = pytest.mark.anyio
@@ -38,6 +42,47 @@ async def test_unusable_body_is_dead_lettered_with_reason(
         event = await broker.run(pool, task(pool))
         assert isinstance(event, messages.Succeeded)
         assert await broker.ready(names.pool_queue(pool)) == []
+
+
+def signed_by(signer: Signer, body: bytes) -> dict[str, str]:
+    return {SIGNATURE_HEADER: signer.sign(body)}
+
+
+async def test_unsigned_forged_or_altered_tasks_are_dead_lettered_never_run(
+    broker: Broker, agent_settings: Settings, pool: str, tmp_path: Path
+) -> None:
+    """Only the orchestration plane's key makes an agent run code: a broker account that can
+    publish to the pool's queue is not enough."""
+    marker = tmp_path / "ran"
+    evil = messages.encode(task(pool, "tests.tasks:touch", args=[str(marker)]))
+    honest = messages.encode(task(pool))
+    altered = evil.replace(b'"attempt":1', b'"attempt":2')
+    assert altered != evil
+    cases = [
+        ({}, "unsigned message"),
+        (signed_by(Signer(generate_private_key()), evil), "bad signature"),  # another key
+        (signed_by(SIGNER, honest), "bad signature"),  # a real signature, of another body
+        ({SIGNATURE_HEADER: "not base64 at all!"}, "malformed signature"),
+    ]
+    async with running_agent(broker, agent_settings, pool) as agent:
+        for headers, _ in cases:
+            await broker.publish(pool, evil, headers, signed=False)
+        await broker.publish(pool, altered, signed_by(SIGNER, evil), signed=False)
+        dead: list[AbstractIncomingMessage] = []
+
+        async def all_dead() -> bool:
+            dead.extend(await broker.dead_letters(pool))
+            return len(dead) == len(cases) + 1
+
+        await await_until(all_dead, 10, "every forged task dead-lettered")
+        reasons = sorted(str(m.headers[names.REASON_HEADER]) for m in dead)
+        for _, needle in cases:
+            assert any(needle in r for r in reasons), (needle, reasons)
+        assert all(r.startswith("refused: ") for r in reasons)
+        assert agent.stats.dead_lettered == len(cases) + 1 and agent.stats.started == 0
+        assert not marker.exists(), "a forged task ran"
+        event = await broker.run(pool, task(pool))  # a signed one still runs
+        assert isinstance(event, messages.Succeeded)
 
 
 async def test_task_of_another_pool_is_dead_lettered(
