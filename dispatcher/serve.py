@@ -7,7 +7,7 @@ import logging
 import anyio
 import uvicorn
 
-from schemas import logs, tracing
+from schemas import logs, tls, tracing
 from schemas.settings import Settings
 
 from .api import create_app
@@ -21,6 +21,8 @@ log = logging.getLogger("rexec.serve")
 
 
 async def serve(settings: Settings) -> None:
+    https = tls.server_files(settings.api_tls_cert, settings.api_tls_key)
+    scheme = "https" if https else "http"
     async with open_runtime(settings) as rt:
         server = uvicorn.Server(
             uvicorn.Config(
@@ -29,13 +31,17 @@ async def serve(settings: Settings) -> None:
                 port=settings.api_port,
                 log_config=None,
                 access_log=False,
+                ssl_certfile=https[0] if https else None,
+                ssl_keyfile=https[1] if https else None,
             )
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_relay, rt)
             tg.start_soon(run_events, rt)
             tg.start_soon(Watchdog(rt).run)
-            log.info("serving", extra={"api": f"http://{settings.api_host}:{settings.api_port}"})
+            log.info(
+                "serving", extra={"api": f"{scheme}://{settings.api_host}:{settings.api_port}"}
+            )
             # uvicorn handles SIGINT/SIGTERM: when it returns, stop everything else too.
             await server.serve()
             tg.cancel_scope.cancel()

@@ -3,7 +3,8 @@
 ``POST /v1/agents/register`` with ``Authorization: Bearer <token>``. Refusals (401, 403, 404,
 409) become a ``RegistrationError`` whose text is the server's own ``{"error": ...}`` message
 plus what to do; the CLI prints it and exits non-zero. A server that cannot be reached, or
-answers 5xx, is retried for a short while (the API may still be starting).
+answers 5xx, is retried for a short while (the API may still be starting); a certificate it
+refuses (``REXEC_CA_FILE``) is not retried: it will not fix itself.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import anyio
 import httpx
 import msgspec
 
+from schemas import tls
 from schemas.api import API_PREFIX, AgentRegister, AgentRegistered, ErrorBody
 from schemas.settings import Settings
 
@@ -50,13 +52,23 @@ async def register(
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     deadline = anyio.current_time() + retry_for
     delay = 0.2
-    async with httpx.AsyncClient(transport=transport, timeout=REQUEST_TIMEOUT) as client:
+    try:
+        verify = tls.http_verify(settings.ca_file)
+    except tls.TLSConfigError as exc:
+        raise RegistrationError(str(exc)) from None
+    async with httpx.AsyncClient(
+        transport=transport, timeout=REQUEST_TIMEOUT, verify=verify
+    ) as client:
         while True:
             try:
                 response = await client.post(
                     url, content=msgspec.json.encode(body), headers=headers
                 )
             except httpx.HTTPError as exc:
+                problem_tls = tls.certificate_problem(exc)
+                if problem_tls is not None:
+                    where = f"the rexec API at {url}"
+                    raise RegistrationError(tls.describe(problem_tls, "api", where)) from None
                 problem = f"cannot reach the rexec API at {url}: {exc or type(exc).__name__}"
                 hint = "check REXEC_API_URL and that the orchestration plane is running"
             else:
