@@ -19,6 +19,10 @@ from .watchdog import Watchdog
 
 log = logging.getLogger("rexec.serve")
 
+SHUTDOWN_GRACE = 5.0
+"""Seconds open requests and connections get on SIGTERM. Without a bound, one idle HTTPS
+keep-alive client holds the shutdown for the TLS close timeout (30 s)."""
+
 
 async def serve(settings: Settings) -> None:
     https = tls.server_files(settings.api_tls_cert, settings.api_tls_key)
@@ -33,6 +37,7 @@ async def serve(settings: Settings) -> None:
                 access_log=False,
                 ssl_certfile=https[0] if https else None,
                 ssl_keyfile=https[1] if https else None,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE,
             )
         )
         async with anyio.create_task_group() as tg:

@@ -19,6 +19,8 @@ CA_HINTS = {
     "redis": "add ?ssl_ca_certs=/path/to/ca.pem to REXEC_REDIS_URL (or set SSL_CERT_FILE)",
 }
 """What to set when the server's certificate is not trusted, per service."""
+HOSTNAME_MISMATCH = 62
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH: the certificate is trusted but names another host."""
 
 
 class TLSConfigError(ValueError):
@@ -78,10 +80,10 @@ def describe(problem: ssl.SSLError, service: str, where: str) -> str:
     """One line naming what failed (certificate check, or the handshake) and what to set."""
     if isinstance(problem, ssl.SSLCertVerificationError):
         what = problem.verify_message or _reason(problem)
-        return (
-            f"TLS certificate check of {where} failed: {what}; {CA_HINTS[service]}, "
-            "and make sure the certificate names the host in the URL"
-        )
+        hint = CA_HINTS[service]
+        if problem.verify_code == HOSTNAME_MISMATCH:
+            hint = "use a host name the certificate names in the URL, or reissue the certificate"
+        return f"TLS certificate check of {where} failed: {what}; {hint}"
     return (
         f"TLS handshake with {where} failed: {_reason(problem)}; check that the server speaks "
         "TLS on that port and that the URL's scheme matches (amqps://, rediss://, https://)"

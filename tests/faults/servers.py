@@ -8,6 +8,7 @@ certificate (``tests/faults/certs.py``), each listens with TLS only.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -117,6 +118,23 @@ class PrivateRabbit:
         assert waited.returncode == 0, (
             f"{self.node} did not come up: {waited.stdout}{waited.stderr}"
         )
+
+    def connections(self) -> dict[str, bool]:
+        """Connection name -> whether it is TLS, straight from the node (the management
+        API's list lags by a statistics interval)."""
+        listed = _run(
+            [
+                *("rabbitmqctl", "-n", self.node, "-q", "list_connections"),
+                *("ssl", "client_properties", "--formatter", "json"),
+            ],
+            self.env,
+        )
+        assert listed.returncode == 0, f"list_connections failed: {listed.stderr}"
+        named: dict[str, bool] = {}
+        for connection in json.loads(listed.stdout):
+            props = {key: value for key, _, value in connection["client_properties"]}
+            named[str(props.get("connection_name", ""))] = bool(connection["ssl"])
+        return named
 
     def stop(self) -> None:
         if not Path(self.env["RABBITMQ_PID_FILE"]).exists():
