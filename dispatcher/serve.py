@@ -19,7 +19,7 @@ from .watchdog import Watchdog
 
 log = logging.getLogger("rexec.serve")
 
-SHUTDOWN_GRACE = 5.0
+SHUTDOWN_GRACE = 5
 """Seconds open requests and connections get on SIGTERM. Without a bound, one idle HTTPS
 keep-alive client holds the shutdown for the TLS close timeout (30 s)."""
 
