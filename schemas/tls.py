@@ -91,6 +91,7 @@ def describe(problem: ssl.SSLError, service: str, where: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason)
+    reason = getattr(exc, "reason", None)  # set by OpenSSL; absent on hand-made SSLErrors
+    if isinstance(exc, ssl.SSLError) and reason:
+        return str(reason)
     return str(exc) or type(exc).__name__
