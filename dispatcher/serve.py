@@ -6,6 +6,8 @@ import logging
 
 import anyio
 import uvicorn
+from aiormq.exceptions import AMQPConnectionError
+from yarl import URL
 
 from schemas import logs, tls, tracing
 from schemas.settings import Settings
@@ -59,5 +61,12 @@ def main(settings: Settings) -> None:
     upgrade(settings.database_url)
     try:
         anyio.run(serve, settings)
+    except AMQPConnectionError as exc:
+        # A certificate the broker's URL does not trust will not fix itself: say what to set.
+        if (problem := tls.certificate_problem(exc)) is None:
+            raise
+        url = URL(settings.amqp_url)
+        where = f"RabbitMQ at {url.with_password('***') if url.password else url}"
+        raise SystemExit(f"rexec serve: {tls.describe(problem, 'amqp', where)}") from None
     finally:
         tracing.shutdown()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from client import RexecClient, RexecError
 from dispatcher import cli
@@ -22,7 +24,7 @@ from schemas.settings import load_settings
 from tests.e2e.conftest import Plane
 from tests.faults.certs import ServerCert, make_other_ca, make_server_cert
 from tests.faults.servers import PrivateRabbit, PrivateRedis
-from tests.support import wait_until
+from tests.support import Process, free_port, python_entry, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -122,7 +124,9 @@ def test_an_agent_runs_tasks_over_amqps_rediss_and_https(
 def test_plain_tcp_gets_nowhere(
     plane: Plane, tls_rabbit: PrivateRabbit, tls_redis: PrivateRedis
 ) -> None:
-    plain_redis = redis.Redis(host="127.0.0.1", port=tls_redis.port, socket_timeout=5)
+    plain_redis = redis.Redis(
+        host="127.0.0.1", port=tls_redis.port, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+    )
     try:
         with pytest.raises(redis.ConnectionError):
             plain_redis.ping()
@@ -157,7 +161,8 @@ def test_agents_that_trust_the_wrong_ca_stop_with_a_clear_error(
     plane: Plane, pool: str, certs: ServerCert, other_ca: Path
 ) -> None:
     """One wrong CA each for the API, RabbitMQ and Redis: each agent exits non-zero at once
-    (not after a retry deadline) and says which certificate check failed and what to set."""
+    (not after a retry deadline) and says which certificate check failed and what to set;
+    so does ``rexec serve`` whose broker URL trusts the wrong CA."""
     wrong = str(other_ca)
     cases = {
         "api": ({"REXEC_CA_FILE": wrong}, "the rexec API at https://", "set REXEC_CA_FILE"),
@@ -176,11 +181,25 @@ def test_agents_that_trust_the_wrong_ca_stop_with_a_clear_error(
         name: plane.start_agent(pool, *ALLOW, name=f"wrong-ca-{name}", env=env)
         for name, (env, _, _) in cases.items()
     }
-    wait_until(
-        lambda: all(a.popen.poll() is not None for a in agents.values()),
-        20,
-        "the agents with the wrong CA to exit",
+    # And a dispatcher whose broker URL trusts the wrong CA.
+    serve = Process(
+        [*python_entry("dispatcher.cli"), "serve"],
+        {
+            **plane.env,
+            **cases["amqp"][0],
+            "REXEC_API_PORT": str(free_port()),
+            "REXEC_DATABASE_URL": f"sqlite+aiosqlite:///{plane.logs / 'wrong-ca.db'}",
+        },
+        plane.logs / "wrong-ca-serve.log",
     )
+    plane.processes.append(serve)
+    wait_until(
+        lambda: all(p.popen.poll() is not None for p in [*agents.values(), serve]),
+        30,
+        "the agents and the dispatcher with the wrong CA to exit",
+    )
+    assert serve.popen.returncode == 1, serve.output()[-2000:]
+    assert "rexec serve: TLS certificate check of RabbitMQ at amqps://guest:***@" in serve.output()
     for name, (_, where, hint) in cases.items():
         output = agents[name].output()
         assert agents[name].popen.returncode == 1, (name, output[-2000:])
