@@ -10,6 +10,7 @@ refuses (``REXEC_CA_FILE``) is not retried: it will not fix itself.
 from __future__ import annotations
 
 import logging
+import ssl
 
 import anyio
 import httpx
@@ -65,12 +66,12 @@ async def register(
                     url, content=msgspec.json.encode(body), headers=headers
                 )
             except httpx.HTTPError as exc:
-                problem_tls = tls.certificate_problem(exc)
-                if problem_tls is not None:
-                    where = f"the rexec API at {url}"
-                    raise RegistrationError(tls.describe(problem_tls, "api", where)) from None
                 problem = f"cannot reach the rexec API at {url}: {exc or type(exc).__name__}"
                 hint = "check REXEC_API_URL and that the orchestration plane is running"
+                if (tls_error := tls.certificate_problem(exc)) is not None:
+                    problem, hint = tls.describe(tls_error, "api", f"the rexec API at {url}"), ""
+                    if isinstance(tls_error, ssl.SSLCertVerificationError):
+                        raise RegistrationError(problem) from None  # will not fix itself
             else:
                 if response.is_success:
                     return _decode(response, url)
@@ -84,7 +85,7 @@ async def register(
                 problem = f"the rexec API at {url} failed ({response.status_code}): {message}"
                 hint = "it may be starting or overloaded"
             if anyio.current_time() + delay > deadline:
-                raise RegistrationError(f"{problem}; {hint}")
+                raise RegistrationError(f"{problem}; {hint}" if hint else problem)
             log.warning("registration failed, retrying", extra={"error": problem})
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
