@@ -12,6 +12,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from schemas import tls
 from schemas.api import (
     API_PREFIX,
     AgentView,
@@ -91,6 +92,9 @@ def error_from(response: httpx.Response) -> RexecError:
 
 
 def unreachable(base_url: str, exc: httpx.TransportError) -> RexecError:
+    problem = tls.certificate_problem(exc)
+    if problem is not None:  # not "unreachable": the server answered with a certificate we refuse
+        return RexecError(None, tls.describe(problem, "api", f"the rexec API at {base_url}"))
     if isinstance(exc, httpx.TimeoutException):
         return RexecError(
             None, f"the rexec API at {base_url} did not answer in time ({type(exc).__name__})"

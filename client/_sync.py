@@ -29,8 +29,9 @@ T = TypeVar("T")
 class RexecClient:
     """The Remote Execution API from Python, with the same verbs as the ``rexec`` CLI.
 
-    ``base_url`` defaults to ``REXEC_API_URL``; ``api_key`` to ``REXEC_API_KEY``. Errors raise
-    :class:`~client.RexecError` with the server's message.
+    ``base_url`` defaults to ``REXEC_API_URL``; ``api_key`` to ``REXEC_API_KEY``; ``ca_file``
+    (the CA bundle an HTTPS API's certificate is checked against) to ``REXEC_CA_FILE``.
+    Errors raise :class:`~client.RexecError` with the server's message.
     """
 
     def __init__(
@@ -38,10 +39,11 @@ class RexecClient:
         base_url: str | None = None,
         *,
         api_key: str | None = None,
+        ca_file: str | None = None,
         timeout: float = _calls.DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.config = ClientConfig.make(base_url, api_key, timeout)
+        self.config = ClientConfig.make(base_url, api_key, timeout, ca_file)
         self._http = httpx.Client(transport=transport, **self.config.httpx_options())
 
     @property

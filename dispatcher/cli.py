@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.live import Live
 
 from client import RexecClient, RexecError
+from schemas import tls
 from schemas.api import TaskState
 from schemas.settings import load_settings
 
@@ -128,7 +129,8 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
 
     try:
         settings = load_settings()
-    except ValueError as exc:
+        tls.server_files(settings.api_tls_cert, settings.api_tls_key)
+    except ValueError as exc:  # a bad setting, or a TLS file that cannot be used
         raise UsageError(str(exc)) from None
     serve.main(settings)
     return 0

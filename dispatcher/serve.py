@@ -6,8 +6,10 @@ import logging
 
 import anyio
 import uvicorn
+from aiormq.exceptions import AMQPConnectionError
+from yarl import URL
 
-from schemas import logs, tracing
+from schemas import logs, tls, tracing
 from schemas.settings import Settings
 
 from . import credentials
@@ -20,8 +22,14 @@ from .watchdog import Watchdog
 
 log = logging.getLogger("rexec.serve")
 
+SHUTDOWN_GRACE = 5
+"""Seconds open requests and connections get on SIGTERM. Without a bound, one idle HTTPS
+keep-alive client holds the shutdown for the TLS close timeout (30 s)."""
+
 
 async def serve(settings: Settings) -> None:
+    https = tls.server_files(settings.api_tls_cert, settings.api_tls_key)
+    scheme = "https" if https else "http"
     async with open_runtime(settings) as rt:
         server = uvicorn.Server(
             uvicorn.Config(
@@ -30,6 +38,9 @@ async def serve(settings: Settings) -> None:
                 port=settings.api_port,
                 log_config=None,
                 access_log=False,
+                ssl_certfile=https[0] if https else None,
+                ssl_keyfile=https[1] if https else None,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE,
             )
         )
         async with anyio.create_task_group() as tg:
@@ -38,7 +49,9 @@ async def serve(settings: Settings) -> None:
             tg.start_soon(Watchdog(rt).run)
             if settings.agent_credentials == "scoped":
                 tg.start_soon(credentials.keep, rt)
-            log.info("serving", extra={"api": f"http://{settings.api_host}:{settings.api_port}"})
+            log.info(
+                "serving", extra={"api": f"{scheme}://{settings.api_host}:{settings.api_port}"}
+            )
             # uvicorn handles SIGINT/SIGTERM: when it returns, stop everything else too.
             await server.serve()
             tg.cancel_scope.cancel()
@@ -51,5 +64,12 @@ def main(settings: Settings) -> None:
     upgrade(settings.database_url)
     try:
         anyio.run(serve, settings)
+    except AMQPConnectionError as exc:
+        # A certificate the broker's URL does not trust will not fix itself: say what to set.
+        if (problem := tls.certificate_problem(exc)) is None:
+            raise
+        url = URL(settings.amqp_url)
+        where = f"RabbitMQ at {url.with_password('***') if url.password else url}"
+        raise SystemExit(f"rexec serve: {tls.describe(problem, 'amqp', where)}") from None
     finally:
         tracing.shutdown()

@@ -20,6 +20,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_url: str = "http://127.0.0.1:8600"
     api_host: str = "127.0.0.1"
     api_port: int = 8600
+    api_tls_cert: str = ""
+    """PEM certificate (chain) ``rexec serve`` presents; with ``api_tls_key`` the API is HTTPS."""
+    api_tls_key: str = ""
+    ca_file: str = ""
+    """PEM CA bundle the CLI, the clients and the agents verify the API's HTTPS certificate
+    against; empty: ``SSL_CERT_FILE``, else certifi's bundle (httpx's default)."""
     heartbeat_ttl: float = 6.0
     """Seconds an agent's heartbeat key lives; agents refresh it several times per TTL."""
     watchdog_interval: float = 1.0

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -108,8 +109,9 @@ def python_entry(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
-def http_ready(url: str) -> bool:
+def http_ready(url: str, ca_file: str = "") -> bool:
+    verify = ssl.create_default_context(cafile=ca_file) if ca_file else True
     try:
-        return httpx.get(url, timeout=1.0).status_code == 200
+        return httpx.get(url, timeout=1.0, verify=verify).status_code == 200
     except httpx.HTTPError:
         return False

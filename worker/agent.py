@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -31,7 +32,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from yarl import URL
 
-from schemas import messages, names, signing, tracing
+from schemas import messages, names, signing, tls, tracing
 from schemas.names import RedisKeys
 from schemas.settings import Settings, key_list
 
@@ -252,6 +253,9 @@ class Agent:
                 reconnect_interval=RECONNECT_INTERVAL,
             )
         except Exception as exc:
+            if (problem := tls.certificate_problem(exc)) is not None:
+                where = f"RabbitMQ at {_safe_url(self.settings.amqp_url)}"
+                raise AgentError(tls.describe(problem, "amqp", where)) from None
             raise AgentError(
                 f"cannot connect to RabbitMQ at {_safe_url(self.settings.amqp_url)}: {exc}; "
                 "check REXEC_AMQP_URL and that the broker is running"
@@ -363,6 +367,10 @@ class Agent:
                 await self._heartbeat.beat()
                 return True
             except (RedisError, OSError) as exc:
+                problem = tls.certificate_problem(exc)
+                if isinstance(problem, ssl.SSLCertVerificationError):  # will not fix itself
+                    where = f"Redis at {_safe_url(self.settings.redis_url)}"
+                    raise AgentError(tls.describe(problem, "redis", where)) from None
                 self._log(logging.WARNING, "Redis unreachable, waiting", error=str(exc))
                 with anyio.move_on_after(delay):
                     await self._stop_requested.wait()

@@ -3,17 +3,20 @@
 ``POST /v1/agents/register`` with ``Authorization: Bearer <token>``. Refusals (401, 403, 404,
 409) become a ``RegistrationError`` whose text is the server's own ``{"error": ...}`` message
 plus what to do; the CLI prints it and exits non-zero. A server that cannot be reached, or
-answers 5xx, is retried for a short while (the API may still be starting).
+answers 5xx, is retried for a short while (the API may still be starting); a certificate it
+refuses (``REXEC_CA_FILE``) is not retried: it will not fix itself.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 
 import anyio
 import httpx
 import msgspec
 
+from schemas import tls
 from schemas.api import API_PREFIX, AgentRegister, AgentRegistered, ErrorBody
 from schemas.settings import Settings
 
@@ -50,7 +53,13 @@ async def register(
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     deadline = anyio.current_time() + retry_for
     delay = 0.2
-    async with httpx.AsyncClient(transport=transport, timeout=REQUEST_TIMEOUT) as client:
+    try:
+        verify = tls.http_verify(settings.ca_file)
+    except tls.TLSConfigError as exc:
+        raise RegistrationError(str(exc)) from None
+    async with httpx.AsyncClient(
+        transport=transport, timeout=REQUEST_TIMEOUT, verify=verify
+    ) as client:
         while True:
             try:
                 response = await client.post(
@@ -59,6 +68,10 @@ async def register(
             except httpx.HTTPError as exc:
                 problem = f"cannot reach the rexec API at {url}: {exc or type(exc).__name__}"
                 hint = "check REXEC_API_URL and that the orchestration plane is running"
+                if (tls_error := tls.certificate_problem(exc)) is not None:
+                    problem, hint = tls.describe(tls_error, "api", f"the rexec API at {url}"), ""
+                    if isinstance(tls_error, ssl.SSLCertVerificationError):
+                        raise RegistrationError(problem) from None  # will not fix itself
             else:
                 if response.is_success:
                     return _decode(response, url)
@@ -72,7 +85,7 @@ async def register(
                 problem = f"the rexec API at {url} failed ({response.status_code}): {message}"
                 hint = "it may be starting or overloaded"
             if anyio.current_time() + delay > deadline:
-                raise RegistrationError(f"{problem}; {hint}")
+                raise RegistrationError(f"{problem}; {hint}" if hint else problem)
             log.warning("registration failed, retrying", extra={"error": problem})
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)

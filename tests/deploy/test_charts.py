@@ -365,6 +365,32 @@ def test_agent_secrets_backend_env_and_mounts(helm: Path) -> None:
         assert {k: val for k, val in volume.items() if k != "name"} == item["volume"]
 
 
+def ca_bundle_of(deployment: Obj) -> Obj | None:
+    """The CA bundle volume, checked to be mounted read-only where REXEC_CA_FILE points."""
+    env = env_of(deployment)
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+    if "ca-bundle" not in volumes:
+        assert "REXEC_CA_FILE" not in env and "ca-bundle" not in mounts
+        return None
+    assert mounts["ca-bundle"] == {
+        "name": "ca-bundle",
+        "mountPath": "/etc/rexec/ca",
+        "readOnly": True,
+    }
+    assert env["REXEC_CA_FILE"]["value"] == "/etc/rexec/ca/ca.pem"
+    return volumes["ca-bundle"]
+
+
+def test_agent_ca_bundle_is_mounted_and_named_in_rexec_ca_file(helm: Path) -> None:
+    assert ca_bundle_of(one(render(helm, AGENT), "Deployment")) is None
+    volume = ca_bundle_of(one(render(helm, AGENT, "full"), "Deployment"))
+    assert volume == {
+        "name": "ca-bundle",
+        "configMap": {"name": "acme-ca", "items": [{"key": "ca.crt", "path": "ca.pem"}]},
+    }
+
+
 def test_agent_secrets_backend_may_not_override_the_agents_settings(helm: Path) -> None:
     render_fails(helm, AGENT, **{"secretsBackend.env": {"REXEC_AGENT_TOKEN": "x"}})
 
@@ -451,8 +477,11 @@ def test_dispatcher_serves_and_probes_healthz(helm: Path, case: str) -> None:
     assert env["REXEC_API_PORT"]["value"] == str(v["port"])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": v["port"]}
+    expected = {"path": "/healthz", "port": "http"}
+    if v["tls"]["secretName"]:
+        expected["scheme"] = "HTTPS"
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert c[probe]["httpGet"] == expected
     service = one(docs, "Service")
     assert service["spec"]["ports"] == [
         {"name": "http", "port": v["service"]["port"], "targetPort": "http", "protocol": "TCP"}
@@ -510,6 +539,29 @@ def test_dispatcher_service_monitor_only_when_enabled(helm: Path) -> None:
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
+
+
+def test_dispatcher_serves_https_from_a_tls_secret(helm: Path) -> None:
+    defaults = one(render(helm, DISPATCHER), "Deployment")
+    assert not {"REXEC_API_TLS_CERT", "REXEC_API_TLS_KEY"} & env_of(defaults).keys()
+    assert ca_bundle_of(defaults) is None
+    docs = render(helm, DISPATCHER, "full")
+    deployment = one(docs, "Deployment")
+    env = env_of(deployment)
+    assert env["REXEC_API_TLS_CERT"]["value"] == "/etc/rexec/tls/tls.crt"
+    assert env["REXEC_API_TLS_KEY"]["value"] == "/etc/rexec/tls/tls.key"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-tls"]["secret"]["secretName"] == "rexec-api-tls"
+    assert volumes["api-tls"]["secret"]["defaultMode"] == 0o440
+    mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+    assert mounts["api-tls"]["mountPath"] == "/etc/rexec/tls" and mounts["api-tls"]["readOnly"]
+    assert ca_bundle_of(deployment) == {
+        "name": "ca-bundle",
+        "secret": {"secretName": "rexec-ca", "items": [{"key": "ca.crt", "path": "ca.pem"}]},
+    }
+    [endpoint] = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == values(DISPATCHER, "full")["serviceMonitor"]["tlsConfig"]
 
 
 @pytest.mark.parametrize(

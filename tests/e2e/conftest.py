@@ -28,6 +28,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         env["REXEC_SIGNING_KEY"] = settings.signing_key
     if settings.management_url != Settings().management_url:  # a private broker's
         env["REXEC_MANAGEMENT_URL"] = settings.management_url
+    for name in ("api_tls_cert", "api_tls_key", "ca_file"):  # HTTPS (tests/faults/test_tls.py)
+        if value := getattr(settings, name):
+            env[f"REXEC_{name.upper()}"] = value
     return env
 
 
@@ -36,14 +39,19 @@ class Plane:
 
     def __init__(self, settings: Settings, logs: Path) -> None:
         port = free_port()
+        self.scheme = "https" if settings.api_tls_cert else "http"
         self.settings = Settings(
-            **{**_fields(settings), "api_port": port, "api_url": f"http://127.0.0.1:{port}"}
+            **{
+                **_fields(settings),
+                "api_port": port,
+                "api_url": f"{self.scheme}://127.0.0.1:{port}",
+            }
         )
         self.logs = logs
         self.env = settings_env(self.settings)
         self.processes: list[Process] = []
         self.dispatcher = self.start_dispatcher()
-        self.client = RexecClient(self.settings.api_url)
+        self.client = RexecClient(self.settings.api_url, ca_file=self.settings.ca_file)
 
     def start_dispatcher(self, api_port: int | None = None) -> Process:
         """A ``rexec serve``; another replica when ``api_port`` differs from the first's."""
@@ -52,7 +60,8 @@ class Plane:
         process = self._start(["rexec", "serve"], "dispatcher", env)
         wait_until(
             lambda: (
-                http_ready(f"http://127.0.0.1:{port}/healthz") or process.popen.poll() is not None
+                http_ready(f"{self.scheme}://127.0.0.1:{port}/healthz", self.settings.ca_file)
+                or process.popen.poll() is not None
             ),
             30,
             "the dispatcher's API",
@@ -61,12 +70,19 @@ class Plane:
         return process
 
     def start_agent(
-        self, pool: str, *args: str, token: str | None = None, name: str = "agent"
+        self,
+        pool: str,
+        *args: str,
+        token: str | None = None,
+        name: str = "agent",
+        env: dict[str, str] | None = None,
     ) -> Process:
         if token is None:
             token = self.client.create_token(pool).secret
         return self._start(
-            ["rexec-agent", "--pool", pool, *args], name, {"REXEC_AGENT_TOKEN": token}
+            ["rexec-agent", "--pool", pool, *args],
+            name,
+            {"REXEC_AGENT_TOKEN": token, **(env or {})},
         )
 
     def _start(self, argv: list[str], name: str, env: dict[str, str]) -> Process:
@@ -77,9 +93,11 @@ class Plane:
         return process
 
     def close(self) -> None:
+        # The client first: an idle HTTPS keep-alive connection would hold up the server's
+        # graceful shutdown (its TLS close waits for the client's close_notify).
+        self.client.close()
         for process in reversed(self.processes):
             process.stop()
-        self.client.close()
 
     def dump_logs(self) -> str:
         return "\n".join(f"--- {p.log.name}\n{p.output()[-4000:]}" for p in self.processes)

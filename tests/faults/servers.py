@@ -1,12 +1,14 @@
 """Private RabbitMQ and Redis servers for tests that restart or reconfigure them.
 
 Fault tests must not disturb the shared services other tests use, so they get servers of
-their own on other ports, started once per test session and stopped at its end.
+their own on other ports, started once per test session and stopped at its end. Given a
+certificate (``tests/faults/certs.py``), each listens with TLS only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from tests.faults.certs import ServerCert
 from tests.support import free_port, wait_until
 
 
@@ -35,15 +38,17 @@ def _run(
 class PrivateRabbit:
     """A RabbitMQ node of a test session's own (see the guide, section 7)."""
 
-    def __init__(self, name: str, consumer_timeout_ms: int = 60_000) -> None:
+    def __init__(
+        self, name: str, consumer_timeout_ms: int = 60_000, tls: ServerCert | None = None
+    ) -> None:
         self.name = name
         self.node = f"{name}@localhost"
         self.port = free_port()
         self.management_port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        self.tls = tls
         (self.dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
-            f"management.tcp.port = {self.management_port}\n"
+            self._listeners() + f"management.tcp.port = {self.management_port}\n"
             "management.tcp.ip = 127.0.0.1\n"
             f"consumer_timeout = {consumer_timeout_ms}\n"
             "loopback_users = none\n"
@@ -65,8 +70,29 @@ class PrivateRabbit:
             "RABBITMQ_DIST_PORT": str(free_port()),
         }
 
+    def _listeners(self) -> str:
+        if self.tls is None:
+            return f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+        # TLS only. The files are copied into the node's directory, which the server (dropping
+        # to the rabbitmq user when started as root) can read.
+        files = self.dir / "tls"
+        files.mkdir()
+        for path in (self.tls.ca, self.tls.cert, self.tls.key):
+            shutil.copy(path, files / path.name)
+        return (
+            "listeners.tcp = none\n"
+            f"listeners.ssl.default = 127.0.0.1:{self.port}\n"
+            f"ssl_options.cacertfile = {files / self.tls.ca.name}\n"
+            f"ssl_options.certfile = {files / self.tls.cert.name}\n"
+            f"ssl_options.keyfile = {files / self.tls.key.name}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
+
     @property
     def amqp_url(self) -> str:
+        if self.tls is not None:
+            return f"amqps://guest:guest@127.0.0.1:{self.port}/?cafile={self.tls.ca}"
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
     @property
@@ -93,6 +119,23 @@ class PrivateRabbit:
             f"{self.node} did not come up: {waited.stdout}{waited.stderr}"
         )
 
+    def connections(self) -> dict[str, bool]:
+        """Connection name -> whether it is TLS, straight from the node (the management
+        API's list lags by a statistics interval)."""
+        listed = _run(
+            [
+                *("rabbitmqctl", "-n", self.node, "-q", "list_connections"),
+                *("ssl", "client_properties", "--formatter", "json"),
+            ],
+            self.env,
+        )
+        assert listed.returncode == 0, f"list_connections failed: {listed.stderr}"
+        named: dict[str, bool] = {}
+        for connection in json.loads(listed.stdout):
+            props = {key: value for key, _, value in connection["client_properties"]}
+            named[str(props.get("connection_name", ""))] = bool(connection["ssl"])
+        return named
+
     def stop(self) -> None:
         if not Path(self.env["RABBITMQ_PID_FILE"]).exists():
             return  # not running: `rabbitmqctl stop <pid file>` would wait for the file forever
@@ -110,20 +153,40 @@ class PrivateRabbit:
 class PrivateRedis:
     """A Redis of a test's own that keeps nothing on disk, so a restart loses every key."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ServerCert | None = None) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="rexec-redis-"))
+        self.tls = tls
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _listener(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            str(self.tls.cert),
+            "--tls-key-file",
+            str(self.tls.key),
+            "--tls-ca-cert-file",
+            str(self.tls.ca),
+            "--tls-auth-clients",
+            "no",
+        ]
 
     def start(self) -> None:
         subprocess.run(
             [
                 "redis-server",
-                "--port",
-                str(self.port),
+                *self._listener(),
                 "--bind",
                 "127.0.0.1",
                 "--save",

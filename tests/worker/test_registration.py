@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 
 import httpx
 import msgspec
@@ -143,3 +144,37 @@ def test_registered_settings_log_in_with_the_issued_credentials() -> None:
     assert done.signing_public_keys == "k1,k2"
     pinned = msgspec.structs.replace(settings, signing_public_keys="pinned")
     assert registered_settings(pinned, registered).signing_public_keys == "pinned"
+
+
+def _tls_failure(error: ssl.SSLError, seen: list[httpx.Request]) -> httpx.MockTransport:
+    """A transport failing as httpx does on a TLS error: ConnectError caused by the SSLError."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        raise httpx.ConnectError(str(error)) from error
+
+    return httpx.MockTransport(handle)
+
+
+async def test_an_untrusted_certificate_is_not_retried() -> None:
+    error = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] unable to get ...")
+    error.verify_code, error.verify_message = 20, "unable to get local issuer certificate"
+    seen: list[httpx.Request] = []
+    settings = load_settings({}, api_url="https://api.test:8600")
+    with pytest.raises(RegistrationError) as refused:
+        await register(settings, "t", BODY, transport=_tls_failure(error, seen), retry_for=60)
+    assert len(seen) == 1
+    assert str(refused.value) == (
+        "TLS certificate check of the rexec API at https://api.test:8600/v1/agents/register "
+        "failed: unable to get local issuer certificate; set REXEC_CA_FILE to the PEM bundle "
+        "of the CA that signed the API's certificate"
+    )
+
+
+async def test_a_failed_handshake_is_retried_then_named() -> None:
+    seen: list[httpx.Request] = []
+    settings = load_settings({}, api_url="https://api.test:8600")
+    error = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    with pytest.raises(RegistrationError, match="TLS handshake with the rexec API at https://"):
+        await register(settings, "t", BODY, transport=_tls_failure(error, seen), retry_for=0.5)
+    assert len(seen) > 1

@@ -121,3 +121,20 @@ override, which must be above drainTimeout.
 {{- define "rexec-agent.number" -}}
 {{- if or (kindIs "string" .) (kindIs "bool" .) }}{{ toString . }}{{ else if eq (float64 .) (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- end }}
+
+{{/* The CA bundle (tls.caBundle) as a pod volume, mounted at /etc/rexec/ca/ca.pem. */}}
+{{- define "rexec-agent.caBundleVolume" -}}
+{{- $ca := .Values.tls.caBundle -}}
+- name: ca-bundle
+  {{- if $ca.secret }}
+  secret:
+    secretName: {{ $ca.name }}
+    items:
+      - {key: {{ $ca.key | quote }}, path: ca.pem}
+  {{- else }}
+  configMap:
+    name: {{ $ca.name }}
+    items:
+      - {key: {{ $ca.key | quote }}, path: ca.pem}
+  {{- end }}
+{{- end }}

@@ -101,3 +101,20 @@ secretKeyRef:
 {{- define "rexec.number" -}}
 {{- if or (kindIs "string" .) (kindIs "bool" .) }}{{ toString . }}{{ else if eq (float64 .) (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- end }}
+
+{{/* The CA bundle (tls.caBundle) as a pod volume, mounted at /etc/rexec/ca/ca.pem. */}}
+{{- define "rexec.caBundleVolume" -}}
+{{- $ca := .Values.tls.caBundle -}}
+- name: ca-bundle
+  {{- if $ca.secret }}
+  secret:
+    secretName: {{ $ca.name }}
+    items:
+      - {key: {{ $ca.key | quote }}, path: ca.pem}
+  {{- else }}
+  configMap:
+    name: {{ $ca.name }}
+    items:
+      - {key: {{ $ca.key | quote }}, path: ca.pem}
+  {{- end }}
+{{- end }}
