@@ -23,6 +23,7 @@ from schemas.api import TaskState
 from schemas.settings import load_settings
 
 from . import cli_format as fmt
+from . import top
 
 Handler = Callable[[argparse.Namespace, "Context"], int]
 
@@ -296,26 +297,26 @@ def cmd_events(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_top(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client
+    rates = top.Rates()
 
-    def snapshot() -> Any:
-        try:
-            return fmt.top_view(
-                client.base_url,
-                client.list_pools(),
-                client.list_agents(pool=args.pool),
-                client.list_tasks(pool=args.pool, limit=args.limit),
-            )
-        except RexecError as exc:
-            return fmt.top_view(client.base_url, [], [], [], error=exc.message)
+    def view() -> Any:
+        snapshot = top.take(client, args.pool, args.limit)
+        rates.add(snapshot.pools)
+        return fmt.top_view(client.base_url, snapshot, rates, args.interval)
 
     if args.once:
-        ctx.out.print(snapshot())
+        ctx.out.print(view())
         return 0
+    # Refresh on a fixed beat (not `interval` after each refresh), in the terminal's alternate
+    # screen like top(1), so the view stays in place however tall it is.
     try:
-        with Live(snapshot(), console=ctx.out, screen=False, auto_refresh=False) as live:
+        with Live(view(), console=ctx.out, screen=True, auto_refresh=False) as live:
+            beat = time.monotonic()
             while True:
-                time.sleep(args.interval)
-                live.update(snapshot(), refresh=True)
+                beat += args.interval
+                time.sleep(max(0.0, beat - time.monotonic()))
+                beat = max(beat, time.monotonic() - args.interval)  # a slow API skips beats
+                live.update(view(), refresh=True)
     except KeyboardInterrupt:
         pass
     return 0
@@ -440,7 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(commands, "events", cmd_events, "a task's state history", [json_flag])
     p.add_argument("id", metavar="ID")
 
-    p = command(commands, "top", cmd_top, "a live view of pools, agents and recent tasks")
+    p = command(
+        commands,
+        "top",
+        cmd_top,
+        "a live view of pools, queue depths, throughput, agents and their running tasks",
+    )
     p.add_argument("--pool", help="only this pool's agents and tasks")
     p.add_argument("--limit", type=positive_int, default=15, metavar="N", help="recent tasks shown")
     p.add_argument("--interval", type=positive_float, default=1.0, metavar="S", help="refresh")

@@ -22,6 +22,8 @@ from schemas.api import (
     TokenView,
 )
 
+from . import top
+
 STATE_STYLE = {
     TaskState.QUEUED: "cyan",
     TaskState.RUNNING: "yellow",
@@ -227,16 +229,131 @@ def wait_line(task: TaskView) -> Text:
     return line
 
 
+TOP_RUNNING_ROWS = 10
+"""Running tasks listed by ``rexec top`` (the agents table counts them all)."""
+
+
+def rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def top_pools_table(snapshot: top.Snapshot, rates: top.Rates) -> Table:
+    """Pools with the broker's queue depth, live agents, task counts and completions per second."""
+    figures = snapshot.figures
+    table = Table(title="pools", title_justify="left")
+    table.add_column("pool", style="bold", no_wrap=True)
+    table.add_column("status")
+    table.add_column("agents", justify="right")
+    table.add_column("queue depth", justify="right")
+    for state in STATE_COLUMNS:
+        table.add_column(state, justify="right", style=STATE_STYLE[TaskState(state)])
+    table.add_column("ok/s", justify="right", style="green")
+    table.add_column("failed/s", justify="right", style="red")
+    for pool in snapshot.pools:
+        pool_rates = rates.of(pool.name)
+        depth = None if figures is None else figures.queue_depth.get(pool.name)
+        live = None if figures is None else figures.agents_live.get(pool.name, 0)
+        table.add_row(
+            pool.name,
+            Text("draining", style="yellow") if pool.draining else Text("active", style="green"),
+            "-" if live is None else f"{live:.0f}",
+            "-" if depth is None else f"{depth:,.0f}",
+            *(f"{pool.tasks.get(state, 0):,}" for state in STATE_COLUMNS),
+            rate(None if pool_rates is None else pool_rates.succeeded),
+            rate(None if pool_rates is None else pool_rates.failed),
+        )
+    return table
+
+
+def top_agents_table(snapshot: top.Snapshot) -> Table:
+    """Agents with their heartbeat age and the tasks they run now."""
+    table = Table(title="agents", title_justify="left")
+    for column in ("agent", "pool", "state", "heartbeat", "running", "tasks", "host", "pid"):
+        table.add_column(column, justify="right" if column in ("running", "pid") else "left")
+    styles = {"online": "green", "offline": "bright_black", "lost": "red", "unknown": "yellow"}
+    running_on = snapshot.running_on()
+    for agent in snapshot.agents:
+        tasks = running_on.get(agent.id, [])
+        shown = " ".join(t.id[:8] for t in tasks[:3])
+        if len(tasks) > 3:
+            shown += f" +{len(tasks) - 3}"
+        table.add_row(
+            agent.id,
+            agent.pool,
+            Text(agent.state, style=styles.get(agent.state, "")),
+            age(agent.heartbeat_age) + (" ago" if agent.heartbeat_age is not None else ""),
+            f"{agent.running}/{agent.concurrency}",
+            shown or "-",
+            agent.hostname,
+            str(agent.pid),
+        )
+    return table
+
+
+def running_table(snapshot: top.Snapshot) -> Table:
+    tasks = sorted(snapshot.running, key=lambda t: t.started_at or t.created_at)
+    more = len(tasks) - TOP_RUNNING_ROWS
+    title = "running tasks" + (f" (oldest {TOP_RUNNING_ROWS} of {len(tasks)})" if more > 0 else "")
+    table = Table(title=title, title_justify="left")
+    for column in ("task", "pool", "target", "agent", "attempt", "running for"):
+        table.add_column(column, no_wrap=column in ("task", "agent"))
+    for task in tasks[:TOP_RUNNING_ROWS]:
+        table.add_row(
+            task.id,
+            task.pool,
+            short(task_label(task), 40),
+            task.agent_id or "-",
+            f"{task.attempt}/{task.max_attempts}",
+            age(None if task.started_at is None else max(0.0, snapshot.at - task.started_at)),
+        )
+    return table
+
+
+def trouble_line(figures: top.Figures | None) -> Text:
+    """Requeues, stale events and dead letters since the dispatcher started: zero is healthy."""
+    line = Text("since the dispatcher started: ")
+    if figures is None:
+        line.append("its /metrics did not answer", style="yellow")
+        return line
+    for label, counts in (
+        ("requeues", figures.requeues),
+        ("stale events", figures.stale_events),
+        ("dead-lettered", figures.dead_lettered),
+    ):
+        total = sum(counts.values())
+        detail = ", ".join(f"{k} {v:.0f}" for k, v in sorted(counts.items()) if v)
+        line.append(f"{label} {total:.0f}", style="red" if total else "green")
+        if detail:
+            line.append(f" ({detail})")
+        line.append("   ")
+    return line
+
+
 def top_view(
-    api_url: str,
-    pools: Sequence[PoolView],
-    agents: Sequence[AgentView],
-    tasks: Sequence[TaskView],
-    error: str | None = None,
+    api_url: str, snapshot: top.Snapshot, rates: top.Rates, interval: float
 ) -> RenderableType:
-    header = Text(f"rexec top  {api_url}  {when(time.time())}  (Ctrl-C to quit)", style="bold")
+    totals = [rates.of(p.name) for p in snapshot.pools]
+    succeeded = sum(r.succeeded for r in totals if r)
+    failed = sum(r.failed for r in totals if r)
+    header = Text(
+        f"rexec top  {api_url}  {when(snapshot.at)}  every {interval:g}s  (Ctrl-C to quit)",
+        style="bold",
+    )
+    throughput = Text("throughput: ")
+    throughput.append(f"{succeeded:,.1f} succeeded/s", style="green")
+    throughput.append("  ")
+    throughput.append(f"{failed:,.1f} failed/s", style="red" if failed else "")
+    throughput.append(f"  (last {rates.window:g}s)")
     parts: list[RenderableType] = [header]
-    if error:
-        parts.append(Panel(Text(error, style="red"), title="API error"))
-    parts += [pools_table(pools), agents_table(agents), tasks_table(tasks, "recent tasks")]
+    if snapshot.error:
+        parts.append(Panel(Text(snapshot.error, style="red"), title="API error"))
+        return Group(*parts)
+    parts += [
+        throughput,
+        trouble_line(snapshot.figures),
+        top_pools_table(snapshot, rates),
+        top_agents_table(snapshot),
+        running_table(snapshot),
+        tasks_table(snapshot.recent, "recent tasks"),
+    ]
     return Group(*parts)
