@@ -299,24 +299,25 @@ def cmd_top(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client
     rates = top.Rates()
 
-    def view() -> Any:
+    def view() -> tuple[Any, top.Snapshot]:
         snapshot = top.take(client, args.pool, args.limit)
         rates.add(snapshot.pools)
-        return fmt.top_view(client.base_url, snapshot, rates, args.interval)
+        return fmt.top_view(client.base_url, snapshot, rates, args.interval), snapshot
 
     if args.once:
-        ctx.out.print(view())
-        return 0
+        shown, snapshot = view()
+        ctx.out.print(shown)
+        return 1 if snapshot.error else 0  # the live view waits for the API to come back
     # Refresh on a fixed beat (not `interval` after each refresh), in the terminal's alternate
     # screen like top(1), so the view stays in place however tall it is.
     try:
-        with Live(view(), console=ctx.out, screen=True, auto_refresh=False) as live:
+        with Live(view()[0], console=ctx.out, screen=True, auto_refresh=False) as live:
             beat = time.monotonic()
             while True:
                 beat += args.interval
                 time.sleep(max(0.0, beat - time.monotonic()))
                 beat = max(beat, time.monotonic() - args.interval)  # a slow API skips beats
-                live.update(view(), refresh=True)
+                live.update(view()[0], refresh=True)
     except KeyboardInterrupt:
         pass
     return 0
