@@ -146,7 +146,7 @@ def cmd_pool_list(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         ctx.json(pools)
     else:
-        ctx.out.print(fmt.pools_table(pools))
+        ctx.out.print(fmt.pools_table(pools, ctx.out.width))
     return 0
 
 
@@ -204,7 +204,7 @@ def cmd_agents(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         ctx.json(agents)
     else:
-        ctx.out.print(fmt.agents_table(agents))
+        ctx.out.print(fmt.agents_table(agents, ctx.out.width))
     return 0
 
 
@@ -282,7 +282,7 @@ def cmd_tasks(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         ctx.json(tasks)
     else:
-        ctx.out.print(fmt.tasks_table(tasks))
+        ctx.out.print(fmt.tasks_table(tasks, width=ctx.out.width))
     return 0
 
 
@@ -302,7 +302,8 @@ def cmd_top(args: argparse.Namespace, ctx: Context) -> int:
     def view() -> tuple[Any, top.Snapshot]:
         snapshot = top.take(client, args.pool, args.limit)
         rates.add(snapshot.pools)
-        return fmt.top_view(client.base_url, snapshot, rates, args.interval), snapshot
+        shown = fmt.top_view(client.base_url, snapshot, rates, args.interval, ctx.out.width)
+        return shown, snapshot
 
     if args.once:
         shown, snapshot = view()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -227,7 +228,7 @@ async def test_top_once_shows_depth_running_tasks_and_trouble(
     trouble = next(line for line in lines if line.startswith("since the dispatcher started"))
     assert "requeues 2 (agent_lost 2)" in trouble and "stale events 0" in trouble
     header = next(line for line in lines if "queue depth" in line)
-    assert [c.strip() for c in header.strip("┃").split("┃")][:6] == [
+    assert re.split(r"\s{2,}", header.strip())[:6] == [
         "pool",
         "status",
         "agents",
@@ -235,8 +236,8 @@ async def test_top_once_shows_depth_running_tasks_and_trouble(
         "queued",
         "running",
     ]
-    [row] = [line for line in lines if line.startswith(f"│ {pool_name} ")]
-    cells = [c.strip() for c in row.strip("│").split("│")]
+    [row] = [line for line in lines if line.strip().startswith(f"{pool_name} ")]
+    cells = row.split()
     # The broker's depth is a number (the relay does not run here, so nothing is published).
     assert cells[:6] == [pool_name, "active", "0", "0", "1", "1"]
     assert cells[-2:] == ["-", "-"]  # one snapshot: no rate yet
