@@ -301,7 +301,8 @@ def cmd_top(args: argparse.Namespace, ctx: Context) -> int:
 
     def view() -> tuple[Any, top.Snapshot]:
         snapshot = top.take(client, args.pool, args.limit)
-        rates.add(snapshot.pools)
+        if snapshot.error is None:  # an outage is a gap in the rates, not a drop to zero
+            rates.add(snapshot.pools)
         shown = fmt.top_view(client.base_url, snapshot, rates, args.interval, ctx.out.width)
         return shown, snapshot
 
