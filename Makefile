@@ -100,7 +100,8 @@ $(HELM):
 # helm lint --strict and helm template for each chart, with its defaults and with each of its
 # deploy/helm/ci/<chart>.*.yaml; the rendered manifests validated against the Kubernetes
 # schemas (offline: kubernetes-validate ships them); compose.yaml against the Compose spec
-# (deploy/schemas/compose-spec.json, vendored); the charts' values schemas against JSON Schema.
+# (deploy/schemas/compose-spec.json, vendored); the charts' values schemas against JSON Schema;
+# deploy/prometheus/prometheus.yml with promtool where it is installed.
 deploy-check: venv $(HELM) ## lint, render and validate the Helm charts; validate compose.yaml
 	@rm -rf '$(RENDERED)' && mkdir -p '$(RENDERED)'
 	@shopt -s nullglob; for chart in $(CHARTS); do \
@@ -119,6 +120,8 @@ deploy-check: venv $(HELM) ## lint, render and validate the Helm charts; validat
 	if [ -n "$$unknown" ]; then echo "$$unknown" >&2; echo "kubernetes-validate: no schema for a kind that should have one" >&2; exit 1; fi; \
 	echo "kubernetes-validate --strict (Kubernetes $(K8S_VERSIONS)): $$(ls '$(RENDERED)'/*.yaml | wc -l) manifests ok (custom resources: KEDA, ServiceMonitor checked by tests/deploy)"
 	@$(BIN)/check-jsonschema --schemafile deploy/schemas/compose-spec.json compose.yaml
+	@if command -v promtool >/dev/null; then promtool check config --syntax-only deploy/prometheus/prometheus.yml; \
+	else echo "no promtool: deploy/prometheus/prometheus.yml not checked (Debian: apt-get install -y prometheus)"; fi
 	@$(BIN)/check-jsonschema --check-metaschema $(foreach c,$(CHARTS),deploy/helm/$(c)/values.schema.json)
 
 demo: venv services ## run the demo: a dispatcher, two agents, a few thousand tasks

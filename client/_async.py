@@ -181,3 +181,7 @@ class AsyncRexecClient:
 
     async def health(self) -> dict[str, str]:
         return await self._run(_calls.health())
+
+    async def metrics(self) -> str:
+        """The dispatcher's ``/metrics`` text: queue depths, live agents, requeues..."""
+        return await self._run(_calls.metrics())

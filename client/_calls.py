@@ -124,6 +124,10 @@ _wait_result = _decoder(WaitResult)
 _health = _decoder(dict[str, str])
 
 
+def _text(body: bytes) -> str:
+    return body.decode("utf-8", errors="replace")
+
+
 def _v1(*segments: str) -> str:
     """An API path; segments from the user (ids, names) are escaped."""
     return API_PREFIX + "".join("/" + quote(s, safe="") for s in segments)
@@ -212,6 +216,11 @@ def list_agents(pool: str | None) -> Call[list[AgentView]]:
 
 def health() -> Call[dict[str, str]]:
     return Call("GET", "/healthz", _health)
+
+
+def metrics() -> Call[str]:
+    """The dispatcher's Prometheus metrics, in the text format (for ``rexec top``)."""
+    return Call("GET", "/metrics", _text)
 
 
 def submit_body(

@@ -171,3 +171,7 @@ class RexecClient:
 
     def health(self) -> dict[str, str]:
         return self._run(_calls.health())
+
+    def metrics(self) -> str:
+        """The dispatcher's ``/metrics`` text: queue depths, live agents, requeues..."""
+        return self._run(_calls.metrics())

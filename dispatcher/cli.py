@@ -24,6 +24,7 @@ from schemas.api import TaskState
 from schemas.settings import load_settings
 
 from . import cli_format as fmt
+from . import top
 
 Handler = Callable[[argparse.Namespace, "Context"], int]
 
@@ -147,7 +148,7 @@ def cmd_pool_list(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         ctx.json(pools)
     else:
-        ctx.out.print(fmt.pools_table(pools))
+        ctx.out.print(fmt.pools_table(pools, ctx.out.width))
     return 0
 
 
@@ -205,7 +206,7 @@ def cmd_agents(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         ctx.json(agents)
     else:
-        ctx.out.print(fmt.agents_table(agents))
+        ctx.out.print(fmt.agents_table(agents, ctx.out.width))
     return 0
 
 
@@ -283,7 +284,7 @@ def cmd_tasks(args: argparse.Namespace, ctx: Context) -> int:
     if args.json:
         ctx.json(tasks)
     else:
-        ctx.out.print(fmt.tasks_table(tasks))
+        ctx.out.print(fmt.tasks_table(tasks, width=ctx.out.width))
     return 0
 
 
@@ -298,26 +299,29 @@ def cmd_events(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_top(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client
+    rates = top.Rates()
 
-    def snapshot() -> Any:
-        try:
-            return fmt.top_view(
-                client.base_url,
-                client.list_pools(),
-                client.list_agents(pool=args.pool),
-                client.list_tasks(pool=args.pool, limit=args.limit),
-            )
-        except RexecError as exc:
-            return fmt.top_view(client.base_url, [], [], [], error=exc.message)
+    def view() -> tuple[Any, top.Snapshot]:
+        snapshot = top.take(client, args.pool, args.limit)
+        if snapshot.error is None:  # an outage is a gap in the rates, not a drop to zero
+            rates.add(snapshot.pools)
+        shown = fmt.top_view(client.base_url, snapshot, rates, args.interval, ctx.out.width)
+        return shown, snapshot
 
     if args.once:
-        ctx.out.print(snapshot())
-        return 0
+        shown, snapshot = view()
+        ctx.out.print(shown)
+        return 1 if snapshot.error else 0  # the live view waits for the API to come back
+    # Refresh on a fixed beat (not `interval` after each refresh), in the terminal's alternate
+    # screen like top(1), so the view stays in place however tall it is.
     try:
-        with Live(snapshot(), console=ctx.out, screen=False, auto_refresh=False) as live:
+        with Live(view()[0], console=ctx.out, screen=True, auto_refresh=False) as live:
+            beat = time.monotonic()
             while True:
-                time.sleep(args.interval)
-                live.update(snapshot(), refresh=True)
+                beat += args.interval
+                time.sleep(max(0.0, beat - time.monotonic()))
+                beat = max(beat, time.monotonic() - args.interval)  # a slow API skips beats
+                live.update(view()[0], refresh=True)
     except KeyboardInterrupt:
         pass
     return 0
@@ -442,7 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(commands, "events", cmd_events, "a task's state history", [json_flag])
     p.add_argument("id", metavar="ID")
 
-    p = command(commands, "top", cmd_top, "a live view of pools, agents and recent tasks")
+    p = command(
+        commands,
+        "top",
+        cmd_top,
+        "a live view of pools, queue depths, throughput, agents and their running tasks",
+    )
     p.add_argument("--pool", help="only this pool's agents and tasks")
     p.add_argument("--limit", type=positive_int, default=15, metavar="N", help="recent tasks shown")
     p.add_argument("--interval", type=positive_float, default=1.0, metavar="S", help="refresh")

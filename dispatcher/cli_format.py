@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+from rich import box
 from rich.console import Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
@@ -22,6 +23,8 @@ from schemas.api import (
     TokenView,
 )
 
+from . import top
+
 STATE_STYLE = {
     TaskState.QUEUED: "cyan",
     TaskState.RUNNING: "yellow",
@@ -32,6 +35,52 @@ STATE_STYLE = {
     TaskState.EXPIRED: "bright_black",
 }
 STATE_COLUMNS = [s.value for s in TaskState]
+
+
+NARROW = 110
+NARROWER = 90
+"""Terminal columns below which ``rexec tasks`` leaves out columns (agent and created, then
+pool), so every task stays on one line with its full id."""
+
+
+def listing(title: str) -> Table:
+    """A listing for a terminal: a header rule and no cell borders, so more of it fits."""
+    return Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+
+
+def fitted(
+    title: str,
+    columns: Sequence[tuple[str, str]],
+    rows: Sequence[Sequence[str | Text]],
+    width: int | None,
+    drop: Sequence[str] = (),
+) -> Table:
+    """A listing of one line per row: the columns named in ``drop`` are left out, in that
+    order, until the rest fits ``width`` (rich, left to squeeze, cuts numbers short).
+    ``columns`` are (header, justify)."""
+    widths = [
+        max([len(header), *(len(str(row[i])) for row in rows)])
+        for i, (header, _) in enumerate(columns)
+    ]
+    kept = list(range(len(columns)))
+    names = [header for header, _ in columns]
+    for name in drop:
+        if width is None or sum(widths[i] for i in kept) + 3 * (len(kept) - 1) + 2 <= width:
+            break
+        kept.remove(names.index(name))
+    table = listing(title)
+    for i in kept:
+        header, justify = columns[i]
+        table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*(row[i] for i in kept))
+    return table
 
 
 def to_json(value: Any) -> str:
@@ -91,25 +140,27 @@ def outcome(task: TaskView) -> str:
     return ""
 
 
-def pools_table(pools: Sequence[PoolView]) -> Table:
-    table = Table(title="pools", title_justify="left")
-    table.add_column("pool", style="bold", no_wrap=True)
-    table.add_column("status")
-    for state in STATE_COLUMNS:
-        table.add_column(state, justify="right", style=STATE_STYLE[TaskState(state)])
-    table.add_column("created")
-    for pool in pools:
-        table.add_row(
-            pool.name,
+def pools_table(pools: Sequence[PoolView], width: int | None = None) -> Table:
+    columns = [("pool", "left"), ("status", "left")]
+    columns += [(state, "right") for state in STATE_COLUMNS] + [("created", "left")]
+    rows: list[list[str | Text]] = [
+        [
+            Text(pool.name, style="bold"),
             Text("draining", style="yellow") if pool.draining else Text("active", style="green"),
-            *(str(pool.tasks.get(state, 0)) for state in STATE_COLUMNS),
+            *(
+                Text(str(pool.tasks.get(state, 0)), style=STATE_STYLE[TaskState(state)])
+                for state in STATE_COLUMNS
+            ),
             when(pool.created_at),
-        )
-    return table
+        ]
+        for pool in pools
+    ]
+    drop = ["created", "expired", "cancelled", "timed_out"]
+    return fitted("pools", columns, rows, width, drop)
 
 
 def tokens_table(tokens: Sequence[TokenView]) -> Table:
-    table = Table(title="agent tokens", title_justify="left")
+    table = listing("agent tokens")
     for column in ("id", "pool", "name", "prefix", "state", "created", "last used", "expires"):
         table.add_column(column)
     styles = {"active": "green", "expired": "bright_black", "revoked": "red"}
@@ -127,13 +178,12 @@ def tokens_table(tokens: Sequence[TokenView]) -> Table:
     return table
 
 
-def agents_table(agents: Sequence[AgentView]) -> Table:
-    table = Table(title="agents", title_justify="left")
-    for column in ("agent", "pool", "state", "heartbeat", "running", "host", "pid", "registered"):
-        table.add_column(column, justify="right" if column in ("running", "pid") else "left")
+def agents_table(agents: Sequence[AgentView], width: int | None = None) -> Table:
+    names = ("agent", "pool", "state", "heartbeat", "running", "host", "pid", "registered")
+    columns = [(c, "right" if c in ("running", "pid") else "left") for c in names]
     styles = {"online": "green", "offline": "bright_black", "lost": "red", "unknown": "yellow"}
-    for agent in agents:
-        table.add_row(
+    rows: list[list[str | Text]] = [
+        [
             agent.id,
             agent.pool,
             Text(agent.state, style=styles.get(agent.state, "")),
@@ -142,26 +192,53 @@ def agents_table(agents: Sequence[AgentView]) -> Table:
             agent.hostname,
             str(agent.pid),
             when(agent.registered_at),
-        )
-    return table
+        ]
+        for agent in agents
+    ]
+    return fitted("agents", columns, rows, width, ["registered", "pid", "host"])
 
 
-def tasks_table(tasks: Sequence[TaskView], title: str = "tasks") -> Table:
-    table = Table(title=title, title_justify="left")
-    for column in ("task", "pool", "target", "state", "attempt", "agent", "created", "outcome"):
-        table.add_column(column, no_wrap=column in ("task", "agent"))
+def tasks_table(tasks: Sequence[TaskView], title: str = "tasks", width: int | None = None) -> Table:
+    """One line per task, its full id first. Target and outcome are cut to what the terminal
+    leaves them (rich, left to squeeze, can squeeze a narrow column away). A terminal narrower
+    than ``NARROW`` columns loses the agent and created columns, one narrower than ``NARROWER``
+    the pool too: ``rexec status ID`` has everything."""
+    width = width or 240
+    pool_width = min(24, max([4, *(len(t.pool) for t in tasks)]))
+    agent_width = min(40, max([5, *(len(t.agent_id or "-") for t in tasks)]))
+    optional = {"pool": width >= NARROWER, "agent": width >= NARROW, "created": width >= NARROW}
+    fixed = {
+        "task": 32,
+        "pool": pool_width,
+        "state": 9,
+        "attempt": 7,
+        "agent": agent_width,
+        "created": 8,
+    }
+    shown = [c for c in fixed if optional.get(c, True)]
+    columns = len(shown) + 2  # and target, outcome
+    # SIMPLE_HEAD: a blank edge each side, three columns between cells (padding, rule, padding).
+    room = width - sum(fixed[c] for c in shown) - 3 * (columns - 1) - 2
+    target_width = max(8, min(40, room * 2 // 5))
+    outcome_width = max(8, room - target_width)
+    order = ["task", "pool", "target", "state", "attempt", "agent", "created", "outcome"]
+    table = listing(title)
+    for column in order:
+        if optional.get(column, True):
+            table.add_column(column, no_wrap=True)
     now = time.time()
     for task in tasks:
-        table.add_row(
-            task.id,
-            task.pool,
-            short(task_label(task), 40),
-            state_text(task.state),
-            f"{task.attempt}/{task.max_attempts}",
-            task.agent_id or "-",
-            ago(task.created_at, now),
-            outcome(task),
-        )
+        cells: dict[str, RenderableType] = {
+            "task": task.id,
+            "pool": short(task.pool, pool_width),
+            "target": short(task_label(task), target_width),
+            "state": state_text(task.state),
+            "attempt": f"{task.attempt}/{task.max_attempts}",
+            "agent": task.agent_id or "-",
+            "created": ago(task.created_at, now),
+            "outcome": short(outcome(task), outcome_width),
+        }
+        table.add_row(*(cells[c] for c in order if optional.get(c, True)))
     return table
 
 
@@ -203,7 +280,7 @@ def task_detail(task: TaskView) -> Table:
 
 
 def history_table(task_id: str, entries: Iterable[TaskHistoryEntry]) -> Table:
-    table = Table(title=f"history of {task_id}", title_justify="left")
+    table = listing(f"history of {task_id}")
     for column in ("at", "attempt", "from", "to", "agent", "reason"):
         table.add_column(column)
     for entry in entries:
@@ -227,16 +304,140 @@ def wait_line(task: TaskView) -> Text:
     return line
 
 
+TOP_RUNNING_ROWS = 10
+"""Running tasks listed by ``rexec top`` (the agents table counts them all)."""
+
+
+def rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def top_pools_table(snapshot: top.Snapshot, rates: top.Rates, width: int | None = None) -> Table:
+    """Pools with the broker's queue depth, live agents, task counts and completions per second."""
+    figures = snapshot.figures
+    columns = [("pool", "left"), ("status", "left"), ("agents", "right"), ("queue depth", "right")]
+    columns += [(state, "right") for state in STATE_COLUMNS]
+    columns += [("ok/s", "right"), ("failed/s", "right")]
+    rows: list[list[str | Text]] = []
+    for pool in snapshot.pools:
+        pool_rates = rates.of(pool.name)
+        depth = None if figures is None else figures.queue_depth.get(pool.name)
+        live = None if figures is None else figures.agents_live.get(pool.name, 0)
+        rows.append(
+            [
+                Text(pool.name, style="bold"),
+                Text("draining", style="yellow")
+                if pool.draining
+                else Text("active", style="green"),
+                "-" if live is None else f"{live:.0f}",
+                "-" if depth is None else f"{depth:,.0f}",
+                *(
+                    Text(f"{pool.tasks.get(state, 0):,}", style=STATE_STYLE[TaskState(state)])
+                    for state in STATE_COLUMNS
+                ),
+                Text(rate(None if pool_rates is None else pool_rates.succeeded), style="green"),
+                Text(rate(None if pool_rates is None else pool_rates.failed), style="red"),
+            ]
+        )
+    drop = ["expired", "cancelled", "timed_out", "status"]
+    return fitted("pools", columns, rows, width, drop)
+
+
+def top_agents_table(snapshot: top.Snapshot, width: int | None = None) -> Table:
+    """Agents with their heartbeat age and the tasks they run now."""
+    names = ("agent", "pool", "state", "heartbeat", "running", "tasks", "host", "pid")
+    columns = [(c, "right" if c in ("running", "pid") else "left") for c in names]
+    styles = {"online": "green", "offline": "bright_black", "lost": "red", "unknown": "yellow"}
+    running_on = snapshot.running_on()
+    rows: list[list[str | Text]] = []
+    for agent in snapshot.agents:
+        tasks = running_on.get(agent.id, [])
+        shown = " ".join(t.id[:8] for t in tasks[:3])
+        if len(tasks) > 3:
+            shown += f" +{len(tasks) - 3}"
+        rows.append(
+            [
+                agent.id,
+                agent.pool,
+                Text(agent.state, style=styles.get(agent.state, "")),
+                age(agent.heartbeat_age) + (" ago" if agent.heartbeat_age is not None else ""),
+                f"{agent.running}/{agent.concurrency}",
+                shown or "-",
+                agent.hostname,
+                str(agent.pid),
+            ]
+        )
+    return fitted("agents", columns, rows, width, ["pid", "host"])
+
+
+def running_table(snapshot: top.Snapshot) -> Table:
+    tasks = sorted(snapshot.running, key=lambda t: t.started_at or t.created_at)
+    more = len(tasks) - TOP_RUNNING_ROWS
+    title = "running tasks" + (f" (oldest {TOP_RUNNING_ROWS} of {len(tasks)})" if more > 0 else "")
+    table = listing(title)
+    for column in ("task", "pool", "target", "agent", "attempt", "running for"):
+        table.add_column(column, no_wrap=column in ("task", "agent"))
+    for task in tasks[:TOP_RUNNING_ROWS]:
+        table.add_row(
+            task.id,
+            task.pool,
+            short(task_label(task), 40),
+            task.agent_id or "-",
+            f"{task.attempt}/{task.max_attempts}",
+            age(None if task.started_at is None else max(0.0, snapshot.at - task.started_at)),
+        )
+    return table
+
+
+def trouble_line(figures: top.Figures | None) -> Text:
+    """Requeues, stale events and dead letters since the dispatcher started: zero is healthy."""
+    line = Text("since the dispatcher started: ")
+    if figures is None:
+        line.append("its /metrics did not answer", style="yellow")
+        return line
+    for label, counts in (
+        ("requeues", figures.requeues),
+        ("stale events", figures.stale_events),
+        ("dead-lettered", figures.dead_lettered),
+    ):
+        total = sum(counts.values())
+        detail = ", ".join(f"{k} {v:.0f}" for k, v in sorted(counts.items()) if v)
+        line.append(f"{label} {total:.0f}", style="red" if total else "green")
+        if detail:
+            line.append(f" ({detail})")
+        line.append("   ")
+    return line
+
+
 def top_view(
     api_url: str,
-    pools: Sequence[PoolView],
-    agents: Sequence[AgentView],
-    tasks: Sequence[TaskView],
-    error: str | None = None,
+    snapshot: top.Snapshot,
+    rates: top.Rates,
+    interval: float,
+    width: int | None = None,
 ) -> RenderableType:
-    header = Text(f"rexec top  {api_url}  {when(time.time())}  (Ctrl-C to quit)", style="bold")
+    totals = [rates.of(p.name) for p in snapshot.pools]
+    succeeded = sum(r.succeeded for r in totals if r)
+    failed = sum(r.failed for r in totals if r)
+    header = Text(
+        f"rexec top  {api_url}  {when(snapshot.at)}  every {interval:g}s  (Ctrl-C to quit)",
+        style="bold",
+    )
+    throughput = Text("throughput: ")
+    throughput.append(f"{succeeded:,.1f} succeeded/s", style="green")
+    throughput.append("  ")
+    throughput.append(f"{failed:,.1f} failed/s", style="red" if failed else "")
+    throughput.append(f"  (last {rates.window:g}s)")
     parts: list[RenderableType] = [header]
-    if error:
-        parts.append(Panel(Text(error, style="red"), title="API error"))
-    parts += [pools_table(pools), agents_table(agents), tasks_table(tasks, "recent tasks")]
+    if snapshot.error:
+        parts.append(Panel(Text(snapshot.error, style="red"), title="API error"))
+        return Group(*parts)
+    parts += [
+        throughput,
+        trouble_line(snapshot.figures),
+        top_pools_table(snapshot, rates, width),
+        top_agents_table(snapshot, width),
+        running_table(snapshot),
+        tasks_table(snapshot.recent, "recent tasks", width),
+    ]
     return Group(*parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from dispatcher.cli import main
 from dispatcher.db.models import Task
 from dispatcher.runtime import Runtime
 from schemas import messages
+from tests.support import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -197,3 +199,57 @@ async def test_sync_client(api_url: str, pool_name: str, runtime: Runtime) -> No
             assert ids == []
 
     await anyio.to_thread.run_sync(scenario)
+
+
+async def start(rt: Runtime, task_id: str, agent_id: str) -> None:
+    event = messages.Started(task_id=task_id, attempt=1, agent_id=agent_id, at=time.time())
+    async with rt.sessions.begin() as session:
+        task = await session.get(Task, task_id)
+        assert task is not None
+        decision = statemachine.on_event(transitions.snapshot(task), event)
+        assert isinstance(decision, statemachine.Transition)
+        transitions.apply(session, task, decision, time.time())
+
+
+async def test_top_once_shows_depth_running_tasks_and_trouble(
+    api_url: str, runtime: Runtime, pool_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rexec = Cli(api_url, capsys)
+    assert (await rexec("pool", "create", pool_name))[0] == 0
+    ids = [(await rexec("submit", "--pool", pool_name, "jobs.math:add"))[1].strip() for _ in "ab"]
+    await start(runtime, ids[0], "agent-x")
+    runtime.metrics.requeues.labels("agent_lost").inc(2)
+
+    code, out, err = await rexec("top", "--once", "--pool", pool_name)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"rexec top  {api_url}")
+    assert any(line.startswith("throughput: ") for line in lines)
+    trouble = next(line for line in lines if line.startswith("since the dispatcher started"))
+    assert "requeues 2 (agent_lost 2)" in trouble and "stale events 0" in trouble
+    header = next(line for line in lines if "queue depth" in line)
+    assert re.split(r"\s{2,}", header.strip())[:6] == [
+        "pool",
+        "status",
+        "agents",
+        "queue depth",
+        "queued",
+        "running",
+    ]
+    [row] = [line for line in lines if line.strip().startswith(f"{pool_name} ")]
+    cells = row.split()
+    # The broker's depth is a number (the relay does not run here, so nothing is published).
+    assert cells[:6] == [pool_name, "active", "0", "0", "1", "1"]
+    assert cells[-2:] == ["-", "-"]  # one snapshot: no rate yet
+    running = out[out.index("running tasks") : out.index("recent tasks")]
+    assert ids[0] in running and "agent-x" in running and ids[1] not in running
+
+
+async def test_top_once_says_when_the_api_is_unreachable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    code = await anyio.to_thread.run_sync(main, ["--api-url", url, "top", "--once"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "API error" in out and "unreachable" in out
