@@ -7,6 +7,8 @@ from typing import Any
 
 from schemas.settings import load_settings
 
+from . import _credentials
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -16,10 +18,13 @@ class ClientConfig:
 
     @classmethod
     def make(cls, base_url: str | None, api_key: str | None, timeout: float) -> ClientConfig:
+        """An explicit key, else ``REXEC_API_KEY``, else the key ``rexec login`` stored for
+        this URL."""
         if base_url is None or api_key is None:
             settings = load_settings()
             base_url = settings.api_url if base_url is None else base_url
-            api_key = settings.api_key if api_key is None else api_key
+            if api_key is None:
+                api_key = settings.api_key or _credentials.key_for(settings, base_url)
         return cls(base_url=base_url.rstrip("/"), api_key=api_key, timeout=timeout)
 
     def httpx_options(self) -> dict[str, Any]:

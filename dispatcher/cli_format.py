@@ -15,6 +15,8 @@ from rich.text import Text
 
 from schemas.api import (
     AgentView,
+    ApiKeyView,
+    AuditEntry,
     PoolView,
     TaskHistoryEntry,
     TaskState,
@@ -95,6 +97,7 @@ def pools_table(pools: Sequence[PoolView]) -> Table:
     table = Table(title="pools", title_justify="left")
     table.add_column("pool", style="bold", no_wrap=True)
     table.add_column("status")
+    table.add_column("max running", justify="right")
     for state in STATE_COLUMNS:
         table.add_column(state, justify="right", style=STATE_STYLE[TaskState(state)])
     table.add_column("created")
@@ -102,6 +105,7 @@ def pools_table(pools: Sequence[PoolView]) -> Table:
         table.add_row(
             pool.name,
             Text("draining", style="yellow") if pool.draining else Text("active", style="green"),
+            "-" if pool.max_running is None else str(pool.max_running),
             *(str(pool.tasks.get(state, 0)) for state in STATE_COLUMNS),
             when(pool.created_at),
         )
@@ -124,6 +128,42 @@ def tokens_table(tokens: Sequence[TokenView]) -> Table:
             ago(token.last_used_at),
             when(token.expires_at) if token.expires_at else "never",
         )
+    return table
+
+
+def api_keys_table(keys: Sequence[ApiKeyView]) -> Table:
+    table = Table(title="API keys", title_justify="left")
+    for column in ("id", "name", "role", "prefix", "state", "created", "last used", "expires"):
+        table.add_column(column)
+    styles = {"active": "green", "expired": "bright_black", "revoked": "red"}
+    for key in keys:
+        table.add_row(
+            key.id,
+            key.name,
+            key.role.value,
+            key.prefix + "…",
+            Text(key.state, style=styles.get(key.state, "")),
+            when(key.created_at),
+            ago(key.last_used_at),
+            when(key.expires_at) if key.expires_at else "never",
+        )
+    return table
+
+
+def audit_table(entries: Sequence[AuditEntry]) -> Table:
+    table = Table(title="audit log", title_justify="left")
+    for column in ("at", "who", "action", "target", "detail"):
+        table.add_column(column, overflow="fold")
+    for entry in entries:
+        who = (
+            "bootstrap"
+            if entry.actor_kind == "bootstrap"
+            else f"{entry.actor_kind} {entry.actor_id}"
+        )
+        if entry.actor_name and entry.actor_kind != "bootstrap":
+            who += f" ({entry.actor_name})"
+        detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items() if v is not None)
+        table.add_row(when(entry.at), who, entry.action, entry.target, detail)
     return table
 
 
@@ -204,7 +244,7 @@ def task_detail(task: TaskView) -> Table:
 
 def history_table(task_id: str, entries: Iterable[TaskHistoryEntry]) -> Table:
     table = Table(title=f"history of {task_id}", title_justify="left")
-    for column in ("at", "attempt", "from", "to", "agent", "reason"):
+    for column in ("at", "attempt", "from", "to", "agent", "reason", "by"):
         table.add_column(column)
     for entry in entries:
         table.add_row(
@@ -214,6 +254,7 @@ def history_table(task_id: str, entries: Iterable[TaskHistoryEntry]) -> Table:
             state_text(entry.to_state),
             entry.agent_id or "-",
             entry.reason or "",
+            entry.by or "",
         )
     return table
 
