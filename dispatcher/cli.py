@@ -130,6 +130,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
 
     try:
         settings = load_settings()
+        serve.check_bootstrap_key(settings)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     serve.main(settings)
