@@ -15,10 +15,11 @@ import pytest
 from litestar import Litestar, get
 from sqlalchemy import select, update
 
-from dispatcher import auth
+from dispatcher import auth, statemachine, transitions
 from dispatcher.api import create_app
-from dispatcher.db.models import ApiKey
+from dispatcher.db.models import ApiKey, Task
 from dispatcher.runtime import Runtime
+from schemas import messages
 from schemas.api import Role
 from tests.conftest import BOOTSTRAP_KEY
 
@@ -301,3 +302,33 @@ async def test_submissions_are_rate_limited_per_key(runtime: Runtime, pool: str)
         )
         async with runtime.sessions() as session:
             assert await session.scalar(select(ApiKey.id).where(ApiKey.id == other["key"]["id"]))
+
+
+async def test_a_running_task_s_cancel_request_shows_who_in_its_history(
+    api: httpx.AsyncClient, runtime: Runtime, pool: str
+) -> None:
+    submitter = await create_key(api, Role.SUBMITTER, name="oncall")
+    task_id = (await api.post("/v1/tasks", json={"pool": pool, "target": "m:f"})).json()["id"]
+    started = messages.Started(task_id=task_id, attempt=1, agent_id="agent-x", at=time.time())
+    async with runtime.sessions.begin() as session:
+        task = await session.get(Task, task_id)
+        assert task is not None
+        decision = statemachine.on_event(transitions.snapshot(task), started)
+        assert isinstance(decision, statemachine.Transition)
+        transitions.apply(session, task, decision, time.time())
+
+    cancelled = await api.post(f"/v1/tasks/{task_id}/cancel", headers=bearer(submitter["secret"]))
+    assert cancelled.status_code == 200 and cancelled.json()["cancel_requested"] is True
+    history = (await api.get(f"/v1/tasks/{task_id}/history")).json()
+    assert [(h["to_state"], h["reason"]) for h in history] == [
+        ("queued", "submitted"),
+        ("running", started_reason(history)),
+        ("running", "cancel requested"),
+    ]
+    request = history[-1]
+    assert request["by"] == f"apikey {submitter['key']['id']} (oncall)"
+    assert request["agent_id"] == "agent-x" and request["attempt"] == 1
+
+
+def started_reason(history: list[dict[str, Any]]) -> str:
+    return str(history[1]["reason"])
