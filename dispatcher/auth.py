@@ -24,6 +24,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers import HTTPRouteHandler
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.spec import Reference, SecurityScheme
+from sqlalchemy.exc import SQLAlchemyError
 
 from schemas.api import Principal, Role
 
@@ -98,7 +99,10 @@ class Authenticator:
             )
         if now - self._touched.get(key.id, 0.0) >= TOUCH_EVERY:
             self._touched[key.id] = now
-            await apikeys.touch(self.rt, key.id, now)
+            try:
+                await apikeys.touch(self.rt, key.id, now)
+            except SQLAlchemyError as exc:  # bookkeeping only: never fail the request for it
+                log.warning("could not record an API key's use", extra={"error": str(exc)})
         return Principal(kind="apikey", id=key.id, name=key.name, role=Role(key.role))
 
 
