@@ -120,6 +120,8 @@ def settings(database_url: str, amqp_url: str, redis_prefix: str, tmp_path: Path
         redis_prefix=redis_prefix,
         heartbeat_ttl=3.0,
         api_key=BOOTSTRAP_KEY,
+        # The broker's management API of REXEC_TEST_MANAGEMENT_URL (the default's otherwise).
+        management_url=MANAGEMENT_URL.replace("://", "://guest:guest@", 1),
     )
 
 
