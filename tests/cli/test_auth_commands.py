@@ -92,9 +92,19 @@ async def test_audit_pool_update_and_revoke(
     code, _, err = await rexec("apikey", "revoke", "nope")
     assert code == 1 and "unknown API key 'nope'" in err
 
+    # `rexec events` shows who cancelled a task.
+    code, out, _ = await rexec("submit", "--pool", pool_name, "m:f")
+    task_id = out.strip()
+    assert (await rexec("cancel", task_id))[0] == 0
+    [*_, cancelled] = await rexec.json("events", task_id)
+    assert (cancelled["to_state"], cancelled["by"]) == ("cancelled", "bootstrap")
+    code, out, _ = await rexec("events", task_id)
+    assert code == 0 and "by" in out and "bootstrap" in out
+
     entries = await rexec.json("audit", "--limit", "10")
     actions = [(e["actor_kind"], e["action"], e["target"]) for e in entries]
     assert ("bootstrap", "pool.update", pool_name) in actions
     assert ("bootstrap", "apikey.revoke", created["key"]["id"]) in actions
+    assert ("bootstrap", "task.cancel", task_id) in actions
     code, out, _ = await rexec("audit")
     assert code == 0 and "pool.create" in out and "bootstrap" in out

@@ -61,6 +61,15 @@ def test_serve_refuses_a_short_bootstrap_key(
     assert "REXEC_API_KEY is 6 characters long" in err and "at least 16" in err
 
 
+def test_serve_warns_without_a_bootstrap_key(caplog: pytest.LogCaptureFixture) -> None:
+    from dispatcher.serve import check_bootstrap_key
+    from schemas.settings import load_settings
+
+    with caplog.at_level("WARNING", logger="rexec.serve"):
+        check_bootstrap_key(load_settings({}))
+    assert "REXEC_API_KEY is not set: there is no bootstrap admin key" in caplog.text
+
+
 def test_login_without_a_key_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
