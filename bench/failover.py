@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import secrets
 import signal
 import statistics
 import tempfile
@@ -48,6 +49,7 @@ def rexec_env(
         "REXEC_REDIS_PREFIX": ctx.prefix,
         "REXEC_API_PORT": str(api_port),
         "REXEC_API_URL": f"http://127.0.0.1:{api_port}",
+        "REXEC_API_KEY": "rexec_bench_" + secrets.token_urlsafe(24),  # the bootstrap admin key
         "REXEC_HEARTBEAT_TTL": str(ttl),
         "REXEC_WATCHDOG_INTERVAL": str(interval),
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
@@ -65,7 +67,7 @@ def one_failover(mode: signal.Signals, ttl: float, interval: float, api_port: in
                     "dispatcher", "dispatcher.cli", ["serve"], env, ctx.log_dir / "dispatcher.log"
                 )
             )
-            client = RexecClient(env["REXEC_API_URL"])
+            client = RexecClient(env["REXEC_API_URL"], api_key=env["REXEC_API_KEY"])
             wait_until(lambda: _answers(env["REXEC_API_URL"]), 30, what="the dispatcher")
             client.create_pool("failover")
 

@@ -12,7 +12,12 @@ import httpx
 
 from schemas.api import (
     AgentView,
+    ApiKeyCreated,
+    ApiKeyView,
+    AuditEntry,
     PoolView,
+    Principal,
+    Role,
     SubmitTask,
     TaskHistoryEntry,
     TaskView,
@@ -151,8 +156,14 @@ class AsyncRexecClient:
 
     # pools
 
-    async def create_pool(self, name: str, description: str = "") -> PoolView:
-        return await self._run(_calls.create_pool(name, description))
+    async def create_pool(
+        self, name: str, description: str = "", *, max_running: int | None = None
+    ) -> PoolView:
+        return await self._run(_calls.create_pool(name, description, max_running))
+
+    async def update_pool(self, name: str, *, max_running: int | None) -> PoolView:
+        """Set the pool's limit of running tasks (None: no limit)."""
+        return await self._run(_calls.update_pool(name, max_running))
 
     async def list_pools(self) -> list[PoolView]:
         return await self._run(_calls.list_pools())
@@ -175,6 +186,26 @@ class AsyncRexecClient:
 
     async def revoke_token(self, token_id: str) -> TokenView:
         return await self._run(_calls.revoke_token(token_id))
+
+    # operator API keys and the audit log
+
+    async def create_api_key(
+        self, role: Role | str, name: str = "", *, expires_in: float | None = None
+    ) -> ApiKeyCreated:
+        return await self._run(_calls.create_api_key(Role(role), name, expires_in))
+
+    async def list_api_keys(self) -> list[ApiKeyView]:
+        return await self._run(_calls.list_api_keys())
+
+    async def revoke_api_key(self, key_id: str) -> ApiKeyView:
+        return await self._run(_calls.revoke_api_key(key_id))
+
+    async def login(self) -> Principal:
+        """Check this client's API key: who it belongs to and its role (audited)."""
+        return await self._run(_calls.login())
+
+    async def audit(self, *, limit: int = 100) -> list[AuditEntry]:
+        return await self._run(_calls.audit(limit))
 
     async def list_agents(self, *, pool: str | None = None) -> list[AgentView]:
         return await self._run(_calls.list_agents(pool))

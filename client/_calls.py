@@ -16,9 +16,16 @@ from schemas import tls
 from schemas.api import (
     API_PREFIX,
     AgentView,
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyView,
+    AuditEntry,
     ErrorBody,
     PoolCreate,
+    PoolUpdate,
     PoolView,
+    Principal,
+    Role,
     SubmitBatch,
     SubmitBatchResult,
     SubmitTask,
@@ -122,6 +129,11 @@ _agents = _decoder(list[AgentView])
 _batch = _decoder(SubmitBatchResult)
 _wait_result = _decoder(WaitResult)
 _health = _decoder(dict[str, str])
+_api_key = _decoder(ApiKeyView)
+_api_keys = _decoder(list[ApiKeyView])
+_api_key_created = _decoder(ApiKeyCreated)
+_principal = _decoder(Principal)
+_audit = _decoder(list[AuditEntry])
 
 
 def _text(body: bytes) -> str:
@@ -180,9 +192,14 @@ def history(task_id: str) -> Call[list[TaskHistoryEntry]]:
     return Call("GET", _v1("tasks", task_id, "history"), _history)
 
 
-def create_pool(name: str, description: str) -> Call[PoolView]:
-    body = PoolCreate(name=name, description=description)
+def create_pool(name: str, description: str, max_running: int | None = None) -> Call[PoolView]:
+    body = PoolCreate(name=name, description=description, max_running=max_running)
     return Call("POST", _v1("pools"), _pool, body=_encoder.encode(body))
+
+
+def update_pool(name: str, max_running: int | None) -> Call[PoolView]:
+    body = PoolUpdate(max_running=max_running)
+    return Call("PATCH", _v1("pools", name), _pool, body=_encoder.encode(body))
 
 
 def list_pools() -> Call[list[PoolView]]:
@@ -208,6 +225,27 @@ def list_tokens(pool: str | None) -> Call[list[TokenView]]:
 
 def revoke_token(token_id: str) -> Call[TokenView]:
     return Call("DELETE", _v1("tokens", token_id), _token)
+
+
+def create_api_key(role: Role, name: str, expires_in: float | None) -> Call[ApiKeyCreated]:
+    body = ApiKeyCreate(role=role, name=name, expires_in=expires_in)
+    return Call("POST", _v1("apikeys"), _api_key_created, body=_encoder.encode(body))
+
+
+def list_api_keys() -> Call[list[ApiKeyView]]:
+    return Call("GET", _v1("apikeys"), _api_keys)
+
+
+def revoke_api_key(key_id: str) -> Call[ApiKeyView]:
+    return Call("DELETE", _v1("apikeys", key_id), _api_key)
+
+
+def login() -> Call[Principal]:
+    return Call("POST", _v1("login"), _principal)
+
+
+def audit(limit: int) -> Call[list[AuditEntry]]:
+    return Call("GET", _v1("audit"), _audit, params={"limit": limit})
 
 
 def list_agents(pool: str | None) -> Call[list[AgentView]]:

@@ -9,6 +9,7 @@ from typing import Any
 from schemas import tls
 from schemas.settings import load_settings
 
+from . import _credentials
 from ._calls import RexecError
 
 
@@ -25,10 +26,13 @@ class ClientConfig:
     def make(
         cls, base_url: str | None, api_key: str | None, timeout: float, ca_file: str | None = None
     ) -> ClientConfig:
+        """An explicit key, else ``REXEC_API_KEY``, else the key ``rexec login`` stored for
+        this URL."""
         if base_url is None or api_key is None or ca_file is None:
             settings = load_settings()
             base_url = settings.api_url if base_url is None else base_url
-            api_key = settings.api_key if api_key is None else api_key
+            if api_key is None:
+                api_key = settings.api_key or _credentials.key_for(settings, base_url)
             ca_file = settings.ca_file if ca_file is None else ca_file
         try:
             verify = tls.http_verify(ca_file)

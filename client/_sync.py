@@ -11,7 +11,12 @@ import httpx
 
 from schemas.api import (
     AgentView,
+    ApiKeyCreated,
+    ApiKeyView,
+    AuditEntry,
     PoolView,
+    Principal,
+    Role,
     SubmitTask,
     TaskHistoryEntry,
     TaskView,
@@ -141,8 +146,14 @@ class RexecClient:
 
     # pools
 
-    def create_pool(self, name: str, description: str = "") -> PoolView:
-        return self._run(_calls.create_pool(name, description))
+    def create_pool(
+        self, name: str, description: str = "", *, max_running: int | None = None
+    ) -> PoolView:
+        return self._run(_calls.create_pool(name, description, max_running))
+
+    def update_pool(self, name: str, *, max_running: int | None) -> PoolView:
+        """Set the pool's limit of running tasks (None: no limit)."""
+        return self._run(_calls.update_pool(name, max_running))
 
     def list_pools(self) -> list[PoolView]:
         return self._run(_calls.list_pools())
@@ -165,6 +176,26 @@ class RexecClient:
 
     def revoke_token(self, token_id: str) -> TokenView:
         return self._run(_calls.revoke_token(token_id))
+
+    # operator API keys and the audit log
+
+    def create_api_key(
+        self, role: Role | str, name: str = "", *, expires_in: float | None = None
+    ) -> ApiKeyCreated:
+        return self._run(_calls.create_api_key(Role(role), name, expires_in))
+
+    def list_api_keys(self) -> list[ApiKeyView]:
+        return self._run(_calls.list_api_keys())
+
+    def revoke_api_key(self, key_id: str) -> ApiKeyView:
+        return self._run(_calls.revoke_api_key(key_id))
+
+    def login(self) -> Principal:
+        """Check this client's API key: who it belongs to and its role (audited)."""
+        return self._run(_calls.login())
+
+    def audit(self, *, limit: int = 100) -> list[AuditEntry]:
+        return self._run(_calls.audit(limit))
 
     def list_agents(self, *, pool: str | None = None) -> list[AgentView]:
         return self._run(_calls.list_agents(pool))

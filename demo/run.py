@@ -8,6 +8,7 @@ stopped before it returns, also on Ctrl-C or an error.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -78,11 +79,13 @@ def main() -> int:
         "REXEC_REDIS_PREFIX": "rexec-demo",
         "REXEC_API_PORT": str(API_PORT),
         "REXEC_API_URL": f"http://127.0.0.1:{API_PORT}",
+        # The bootstrap admin key of this demo's dispatcher (every API call needs a key).
+        "REXEC_API_KEY": "rexec_demo_" + secrets.token_urlsafe(24),
     }
     with processes() as started:
         console.print("[bold]rexec demo[/]: starting the dispatcher (rexec serve)")
         dispatcher = started("dispatcher", ["dispatcher.cli", "serve"], env)
-        client = RexecClient(env["REXEC_API_URL"])
+        client = RexecClient(env["REXEC_API_URL"], api_key=env["REXEC_API_KEY"])
         wait_for_api(client, dispatcher)
         tasks = workload()
         for pool, concurrency in (("alpha", 8), ("beta", 8)):

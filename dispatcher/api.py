@@ -7,23 +7,20 @@ OpenAPI document (``/schema/openapi.json``) from them. Every error is an ``Error
 
 from __future__ import annotations
 
-import hmac
 import logging
-from collections.abc import Callable
 from typing import Annotated, Any
 
-from litestar import Litestar, Request, Response, Router, delete, get, post
-from litestar.connection import ASGIConnection
+from litestar import Litestar, Request, Response, Router, delete, get, patch, post
+from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import (
     HTTPException,
-    NotAuthorizedException,
     SerializationException,
     ValidationException,
 )
 from litestar.handlers import HTTPRouteHandler
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import Components
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 from litestar.status_codes import (
     HTTP_200_OK,
@@ -33,6 +30,7 @@ from litestar.status_codes import (
     HTTP_409_CONFLICT,
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     HTTP_422_UNPROCESSABLE_ENTITY,
+    HTTP_429_TOO_MANY_REQUESTS,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
@@ -44,9 +42,16 @@ from schemas.api import (
     AgentRegister,
     AgentRegistered,
     AgentView,
+    ApiKeyCreate,
+    ApiKeyCreated,
+    ApiKeyView,
+    AuditEntry,
     ErrorBody,
     PoolCreate,
+    PoolUpdate,
     PoolView,
+    Principal,
+    Role,
     SubmitBatch,
     SubmitBatchResult,
     SubmitTask,
@@ -59,8 +64,9 @@ from schemas.api import (
     WaitTasks,
 )
 
+from . import apikeys, audit, auth, service
 from . import metrics as metrics_module
-from . import service
+from .ratelimit import RateLimited, SubmitLimiter
 from .runtime import Runtime
 
 log = logging.getLogger("rexec.api")
@@ -78,9 +84,12 @@ ERROR_STATUS: dict[type[service.ServiceError], int] = {
     service.PayloadTooLarge: HTTP_413_REQUEST_ENTITY_TOO_LARGE,
     service.Unauthorized: HTTP_401_UNAUTHORIZED,
     service.Unavailable: HTTP_503_SERVICE_UNAVAILABLE,
+    RateLimited: HTTP_429_TOO_MANY_REQUESTS,
 }
 
 _ERRORS = {
+    401: ResponseSpec(ErrorBody, description="No API key, or an unknown, revoked or expired one"),
+    403: ResponseSpec(ErrorBody, description="The API key's role is not enough"),
     404: ResponseSpec(ErrorBody, description="Something named in the request does not exist"),
     409: ResponseSpec(ErrorBody, description="The request conflicts with the current state"),
     422: ResponseSpec(ErrorBody, description="A value is unacceptable"),
@@ -88,21 +97,35 @@ _ERRORS = {
 
 
 # --- handlers (registered in create_app, which knows the body size limits) --------------------
+#
+# ``caller`` is the principal of the request's API key (the guard in ``auth`` checked it);
+# ``limiter`` is the submission rate limit. Operator actions are written to the audit log
+# once they succeeded.
 
 
 async def submit_task(
-    rt: NamedDependency[Runtime], data: JSONBody[SubmitTask], request: Request[Any, Any, Any]
+    rt: NamedDependency[Runtime],
+    caller: NamedDependency[Principal],
+    limiter: NamedDependency[SubmitLimiter],
+    data: JSONBody[SubmitTask],
+    request: Request[Any, Any, Any],
 ) -> Response[TaskView]:
     """Submit a task. 201 when created; 200 when its idempotency key matched an existing task."""
+    limiter.take(caller.id)
     with tracing.parent_from(request.headers):
         view, created = await service.submit(rt, data)
     return Response(view, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
 
 async def submit_batch(
-    rt: NamedDependency[Runtime], data: JSONBody[SubmitBatch], request: Request[Any, Any, Any]
+    rt: NamedDependency[Runtime],
+    caller: NamedDependency[Principal],
+    limiter: NamedDependency[SubmitLimiter],
+    data: JSONBody[SubmitBatch],
+    request: Request[Any, Any, Any],
 ) -> SubmitBatchResult:
     """Submit many tasks in one transaction; ids come back in order."""
+    limiter.take(caller.id, len(data.tasks))
     with tracing.parent_from(request.headers):
         return SubmitBatchResult(ids=await service.submit_batch(rt, data.tasks))
 
@@ -141,21 +164,38 @@ async def get_task(
     return await service.get_task(rt, task_id)
 
 
-async def cancel_task(rt: NamedDependency[Runtime], task_id: FromPath[str]) -> TaskView:
+async def cancel_task(
+    rt: NamedDependency[Runtime], caller: NamedDependency[Principal], task_id: FromPath[str]
+) -> TaskView:
     """Cancel a queued task at once, or ask the agent running it to stop it."""
-    return await service.cancel(rt, task_id)
+    view = await service.cancel(rt, task_id)
+    found = "queued" if view.state.value == "cancelled" else view.state.value
+    await audit.record(
+        rt,
+        caller,
+        audit.CANCEL,
+        task_id,
+        {"attempt": view.attempt, "state": found, "agent_id": view.agent_id},
+    )
+    return view
 
 
 async def task_history(
     rt: NamedDependency[Runtime], task_id: FromPath[str]
 ) -> list[TaskHistoryEntry]:
-    """The task's state transitions, oldest first."""
-    return await service.history(rt, task_id)
+    """The task's state transitions, oldest first, with the cancel requests and who made them."""
+    entries = await service.history(rt, task_id)
+    async with rt.sessions() as session:
+        return audit.merge_history(entries, await audit.cancel_entries(session, task_id))
 
 
-async def create_pool(rt: NamedDependency[Runtime], data: JSONBody[PoolCreate]) -> PoolView:
+async def create_pool(
+    rt: NamedDependency[Runtime], caller: NamedDependency[Principal], data: JSONBody[PoolCreate]
+) -> PoolView:
     """Create a pool and its queue (``rexec.pool.<name>``)."""
-    return await service.create_pool(rt, data)
+    view = await service.create_pool(rt, data)
+    await audit.record(rt, caller, "pool.create", view.name, {"max_running": view.max_running})
+    return view
 
 
 async def list_pools(rt: NamedDependency[Runtime]) -> list[PoolView]:
@@ -163,14 +203,34 @@ async def list_pools(rt: NamedDependency[Runtime]) -> list[PoolView]:
     return await service.list_pools(rt)
 
 
-async def drain_pool(rt: NamedDependency[Runtime], name: FromPath[str]) -> PoolView:
+async def update_pool(
+    rt: NamedDependency[Runtime],
+    caller: NamedDependency[Principal],
+    name: FromPath[str],
+    data: JSONBody[PoolUpdate],
+) -> PoolView:
+    """Change a pool's limit of running tasks (null: no limit)."""
+    view = await service.set_max_running(rt, name, data.max_running)
+    await audit.record(rt, caller, "pool.update", name, {"max_running": view.max_running})
+    return view
+
+
+async def drain_pool(
+    rt: NamedDependency[Runtime], caller: NamedDependency[Principal], name: FromPath[str]
+) -> PoolView:
     """Stop publishing the pool's queued tasks (they wait until the pool resumes)."""
-    return await service.set_draining(rt, name, True)
+    view = await service.set_draining(rt, name, True)
+    await audit.record(rt, caller, "pool.drain", name)
+    return view
 
 
-async def resume_pool(rt: NamedDependency[Runtime], name: FromPath[str]) -> PoolView:
+async def resume_pool(
+    rt: NamedDependency[Runtime], caller: NamedDependency[Principal], name: FromPath[str]
+) -> PoolView:
     """Publish the pool's tasks again."""
-    return await service.set_draining(rt, name, False)
+    view = await service.set_draining(rt, name, False)
+    await audit.record(rt, caller, "pool.resume", name)
+    return view
 
 
 async def list_agents(
@@ -191,9 +251,20 @@ async def register_agent(
     return await service.register_agent(rt, authorization, data)
 
 
-async def create_token(rt: NamedDependency[Runtime], data: JSONBody[TokenCreate]) -> TokenCreated:
+async def create_token(
+    rt: NamedDependency[Runtime], caller: NamedDependency[Principal], data: JSONBody[TokenCreate]
+) -> TokenCreated:
     """Create an agent token for a pool; the secret is in this response only."""
-    return await service.create_token(rt, data)
+    created = await service.create_token(rt, data)
+    token = created.token
+    await audit.record(
+        rt,
+        caller,
+        "token.create",
+        token.id,
+        {"pool": token.pool, "name": token.name, "expires_at": token.expires_at},
+    )
+    return created
 
 
 async def list_tokens(
@@ -203,9 +274,59 @@ async def list_tokens(
     return await service.list_tokens(rt, pool=pool)
 
 
-async def revoke_token(rt: NamedDependency[Runtime], token_id: FromPath[str]) -> TokenView:
+async def revoke_token(
+    rt: NamedDependency[Runtime], caller: NamedDependency[Principal], token_id: FromPath[str]
+) -> TokenView:
     """Revoke a token: agents can no longer register with it."""
-    return await service.revoke_token(rt, token_id)
+    token = await service.revoke_token(rt, token_id)
+    await audit.record(rt, caller, "token.revoke", token.id, {"pool": token.pool})
+    return token
+
+
+async def create_api_key(
+    rt: NamedDependency[Runtime],
+    caller: NamedDependency[Principal],
+    data: JSONBody[ApiKeyCreate],
+) -> ApiKeyCreated:
+    """Create an operator API key with a role; the secret is in this response only."""
+    created = await apikeys.create(rt, data)
+    key = created.key
+    await audit.record(
+        rt,
+        caller,
+        "apikey.create",
+        key.id,
+        {"name": key.name, "role": key.role.value, "expires_at": key.expires_at},
+    )
+    return created
+
+
+async def list_api_keys(rt: NamedDependency[Runtime]) -> list[ApiKeyView]:
+    """Operator API keys (never their secrets)."""
+    return await apikeys.list_keys(rt)
+
+
+async def revoke_api_key(
+    rt: NamedDependency[Runtime], caller: NamedDependency[Principal], key_id: FromPath[str]
+) -> ApiKeyView:
+    """Revoke an API key: refused from the next request on."""
+    key = await apikeys.revoke(rt, key_id)
+    await audit.record(rt, caller, "apikey.revoke", key.id, {"name": key.name})
+    return key
+
+
+async def login(rt: NamedDependency[Runtime], caller: NamedDependency[Principal]) -> Principal:
+    """Check an API key (``rexec login``): who it belongs to and its role. Audited."""
+    await audit.record(rt, caller, "login", caller.id)
+    return caller
+
+
+async def list_audit(
+    rt: NamedDependency[Runtime],
+    limit: Annotated[int, QueryParameter(ge=1, le=audit.MAX_LIMIT)] = 100,
+) -> list[AuditEntry]:
+    """The audit log, newest first: token, API-key and operator actions, with who and when."""
+    return await audit.list_entries(rt, limit)
 
 
 async def healthz(rt: NamedDependency[Runtime]) -> dict[str, str]:
@@ -227,9 +348,12 @@ def _error(status: int, message: str, detail: Any = None) -> Response[ErrorBody]
 
 
 def _on_service_error(_: Request[Any, Any, Any], exc: service.ServiceError) -> Response[ErrorBody]:
-    return _error(
+    response = _error(
         ERROR_STATUS.get(type(exc), HTTP_422_UNPROCESSABLE_ENTITY), exc.message, exc.detail
     )
+    if isinstance(exc, RateLimited):
+        response.headers["Retry-After"] = str(int(exc.retry_after))
+    return response
 
 
 def _validation_message(exc: ValidationException) -> str:
@@ -272,7 +396,10 @@ def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
             exc.status_code,
             f"no such endpoint: {request.method} {request.url.path} (see /schema/openapi.json)",
         )
-    return _error(exc.status_code, str(exc.detail))
+    response = _error(exc.status_code, str(exc.detail))
+    if exc.status_code == HTTP_401_UNAUTHORIZED:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="rexec"'
+    return response
 
 
 def _on_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
@@ -287,72 +414,96 @@ def _on_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Respo
     )
 
 
-def _api_key_guard(
-    key: str,
-) -> Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], None]:
-    expected = f"Bearer {key}".encode()
-
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-        if handler.opt.get("agent_auth"):
-            return  # agents authenticate with their own token
-        given = connection.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            raise NotAuthorizedException(
-                "missing or wrong API key: send 'Authorization: Bearer <key>' "
-                "(the client and CLI read it from REXEC_API_KEY)"
-            )
-
-    return guard
-
-
 # --- the app ----------------------------------------------------------------------------------
+
+
+def _guarded(role: Role, **kwargs: Any) -> dict[str, Any]:
+    """Route keyword arguments: the role it needs, and the 401/403 answers in its responses."""
+    responses = {**_AUTH_ERRORS, **kwargs.pop("responses", {})}
+    return {**auth.requires(role), "responses": responses, **kwargs}
+
+
+_AUTH_ERRORS = {status: _ERRORS[status] for status in (401, 403)}
+_ERRORS_404 = {**_AUTH_ERRORS, 404: _ERRORS[404], 422: _ERRORS[422]}
 
 
 def create_app(runtime: Runtime) -> Litestar:
     settings = runtime.settings
     task_body = settings.max_payload_bytes + BODY_MARGIN
     batch_body = max(BATCH_BODY_MIN, settings.max_payload_bytes * 16)
+    limiter = SubmitLimiter(settings.submit_rate, settings.submit_burst)
 
     def provide_runtime() -> Runtime:
         return runtime
 
-    tags = ["tasks"]
+    def provide_limiter() -> SubmitLimiter:
+        return limiter
+
+    def provide_caller(request: Request[Any, Any, Any]) -> Principal:
+        return auth.principal(request)
+
+    viewer, submitter, admin = Role.VIEWER, Role.SUBMITTER, Role.ADMIN
+    tasks, pools, tokens, keys = ["tasks"], ["pools"], ["tokens"], ["api keys"]
     v1 = Router(
         path=API_PREFIX,
-        guards=[_api_key_guard(settings.api_key)] if settings.api_key else [],
         route_handlers=[
             post(
                 "/tasks",
                 status_code=HTTP_201_CREATED,
                 request_max_body_size=task_body,
-                tags=tags,
-                responses={
-                    HTTP_200_OK: ResponseSpec(TaskView, description="Idempotency key matched"),
-                    413: ResponseSpec(ErrorBody, description="Arguments too large"),
-                    **_ERRORS,
-                },
+                tags=tasks,
+                **_guarded(
+                    submitter,
+                    responses={
+                        HTTP_200_OK: ResponseSpec(TaskView, description="Idempotency key matched"),
+                        413: ResponseSpec(ErrorBody, description="Arguments too large"),
+                        429: ResponseSpec(ErrorBody, description="Submission rate limit"),
+                        **_ERRORS,
+                    },
+                ),
             )(submit_task),
             post(
                 "/tasks/batch",
                 status_code=HTTP_201_CREATED,
                 request_max_body_size=batch_body,
-                tags=tags,
+                tags=tasks,
+                **_guarded(
+                    submitter,
+                    responses={429: ResponseSpec(ErrorBody, description="Rate limit")},
+                ),
             )(submit_batch),
             post(
                 "/tasks/wait",
                 status_code=HTTP_200_OK,
                 request_max_body_size=WAIT_BODY,
-                tags=tags,
+                tags=tasks,
+                **_guarded(viewer),
             )(wait_tasks),
-            get("/tasks", tags=tags)(list_tasks),
-            get("/tasks/{task_id:str}", tags=tags, responses=_ERRORS)(get_task),
-            post("/tasks/{task_id:str}/cancel", status_code=HTTP_200_OK, tags=tags)(cancel_task),
-            get("/tasks/{task_id:str}/history", tags=tags)(task_history),
-            post("/pools", status_code=HTTP_201_CREATED, tags=["pools"])(create_pool),
-            get("/pools", tags=["pools"])(list_pools),
-            post("/pools/{name:str}/drain", status_code=HTTP_200_OK, tags=["pools"])(drain_pool),
-            post("/pools/{name:str}/resume", status_code=HTTP_200_OK, tags=["pools"])(resume_pool),
-            get("/agents", tags=["agents"])(list_agents),
+            get("/tasks", tags=tasks, **_guarded(viewer))(list_tasks),
+            get("/tasks/{task_id:str}", tags=tasks, **_guarded(viewer, responses=_ERRORS_404))(
+                get_task
+            ),
+            post(
+                "/tasks/{task_id:str}/cancel",
+                status_code=HTTP_200_OK,
+                tags=tasks,
+                **_guarded(submitter, responses=_ERRORS_404),
+            )(cancel_task),
+            get("/tasks/{task_id:str}/history", tags=tasks, **_guarded(viewer))(task_history),
+            post("/pools", status_code=HTTP_201_CREATED, tags=pools, **_guarded(admin))(
+                create_pool
+            ),
+            get("/pools", tags=pools, **_guarded(viewer))(list_pools),
+            patch("/pools/{name:str}", status_code=HTTP_200_OK, tags=pools, **_guarded(admin))(
+                update_pool
+            ),
+            post("/pools/{name:str}/drain", status_code=HTTP_200_OK, tags=pools, **_guarded(admin))(
+                drain_pool
+            ),
+            post(
+                "/pools/{name:str}/resume", status_code=HTTP_200_OK, tags=pools, **_guarded(admin)
+            )(resume_pool),
+            get("/agents", tags=["agents"], **_guarded(viewer))(list_agents),
             post(
                 "/agents/register",
                 status_code=HTTP_201_CREATED,
@@ -360,32 +511,59 @@ def create_app(runtime: Runtime) -> Litestar:
                 opt={"agent_auth": True},
                 responses={401: ResponseSpec(ErrorBody, description="Bad agent token"), **_ERRORS},
             )(register_agent),
-            post("/tokens", status_code=HTTP_201_CREATED, tags=["tokens"])(create_token),
-            get("/tokens", tags=["tokens"])(list_tokens),
-            delete("/tokens/{token_id:str}", status_code=HTTP_200_OK, tags=["tokens"])(
-                revoke_token
+            post("/tokens", status_code=HTTP_201_CREATED, tags=tokens, **_guarded(admin))(
+                create_token
             ),
+            get("/tokens", tags=tokens, **_guarded(admin))(list_tokens),
+            delete(
+                "/tokens/{token_id:str}", status_code=HTTP_200_OK, tags=tokens, **_guarded(admin)
+            )(revoke_token),
+            post("/apikeys", status_code=HTTP_201_CREATED, tags=keys, **_guarded(admin))(
+                create_api_key
+            ),
+            get("/apikeys", tags=keys, **_guarded(admin))(list_api_keys),
+            delete("/apikeys/{key_id:str}", status_code=HTTP_200_OK, tags=keys, **_guarded(admin))(
+                revoke_api_key
+            ),
+            post("/login", status_code=HTTP_200_OK, tags=keys, **_guarded(viewer))(login),
+            get("/audit", tags=["audit"], **_guarded(admin))(list_audit),
         ],
     )
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             v1,
-            get("/healthz", tags=["health"])(healthz),
-            get("/metrics", tags=["health"], include_in_schema=False)(metrics),
+            get("/healthz", tags=["health"], **auth.PUBLIC)(healthz),
+            get("/metrics", tags=["health"], include_in_schema=False, **auth.requires(viewer))(
+                metrics
+            ),
         ],
-        dependencies={"rt": Provide(provide_runtime, sync_to_thread=False)},
+        guards=[auth.guard],
+        dependencies={
+            "rt": Provide(provide_runtime, sync_to_thread=False),
+            "limiter": Provide(provide_limiter, sync_to_thread=False),
+            "caller": Provide(provide_caller, sync_to_thread=False),
+        },
         exception_handlers={
             service.ServiceError: _on_service_error,
             HTTPException: _on_http_error,
             Exception: _on_internal_error,
         },
         request_max_body_size=task_body,
+        state=State({"authenticator": auth.Authenticator(runtime)}),
         openapi_config=OpenAPIConfig(
             title="rexec Remote Execution API",
             version="1.0.0",
-            description="Submit tasks to agent pools, follow them, and manage pools, "
-            "agents and agent tokens.",
+            description="Submit tasks to agent pools, follow them, and manage pools, agents, "
+            "agent tokens and operator API keys. Every operation but /healthz, this document "
+            "and agent registration needs an API key (Authorization: Bearer <key>) with the "
+            "role named in its security requirement.",
+            components=Components(security_schemes=auth.SECURITY_SCHEMES),
+            openapi_router=Router(
+                path="/schema", route_handlers=[], include_in_schema=False, **auth.PUBLIC
+            ),
         ),
         logging_config=None,
         debug=False,
     )
+    auth.check_routes(app)
+    return app

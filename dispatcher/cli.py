@@ -8,6 +8,7 @@ Exit status: 0 success, 1 an error from the API (or a task that did not succeed)
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import re
 import sys
@@ -19,8 +20,9 @@ from rich.console import Console
 from rich.live import Live
 
 from client import RexecClient, RexecError
+from client import _credentials as credentials
 from schemas import tls
-from schemas.api import TaskState
+from schemas.api import Role, TaskState
 from schemas.settings import load_settings
 
 from . import cli_format as fmt
@@ -131,6 +133,7 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
     try:
         settings = load_settings()
         tls.server_files(settings.api_tls_cert, settings.api_tls_key)
+        serve.check_bootstrap_key(settings)
     except ValueError as exc:  # a bad setting, or a TLS file that cannot be used
         raise UsageError(str(exc)) from None
     serve.main(settings)
@@ -138,8 +141,23 @@ def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_pool_create(args: argparse.Namespace, ctx: Context) -> int:
-    pool = ctx.client.create_pool(args.name, args.description)
-    ctx.out.print(f"created pool {pool.name} (queue rexec.pool.{pool.name})")
+    pool = ctx.client.create_pool(args.name, args.description, max_running=args.max_running)
+    limit = "" if pool.max_running is None else f", at most {pool.max_running} running"
+    ctx.out.print(f"created pool {pool.name} (queue rexec.pool.{pool.name}{limit})")
+    return 0
+
+
+def cmd_pool_update(args: argparse.Namespace, ctx: Context) -> int:
+    if args.unlimited == (args.max_running is not None):
+        raise UsageError("give one of --max-running N or --unlimited")
+    pool = ctx.client.update_pool(args.name, max_running=args.max_running)
+    if pool.max_running is None:
+        ctx.out.print(f"pool {pool.name}: no limit on running tasks")
+    else:
+        ctx.out.print(
+            f"pool {pool.name}: at most {pool.max_running} tasks running (or sent to agents); "
+            "the others wait queued"
+        )
     return 0
 
 
@@ -198,6 +216,82 @@ def cmd_token_list(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_token_revoke(args: argparse.Namespace, ctx: Context) -> int:
     token = ctx.client.revoke_token(args.id)
     ctx.out.print(f"revoked token {token.id} of pool {token.pool}")
+    return 0
+
+
+def cmd_apikey_create(args: argparse.Namespace, ctx: Context) -> int:
+    created = ctx.client.create_api_key(args.role, args.name, expires_in=args.expires)
+    if args.json:
+        ctx.json(created)
+    else:
+        sys.stdout.write(created.secret + "\n")  # alone on stdout: KEY=$(rexec apikey create ...)
+    if args.quiet:
+        return 0
+    key = created.key
+    expires = f", expires {fmt.when(key.expires_at)}" if key.expires_at else ""
+    ctx.err.print(
+        f"created API key {key.id} with the {key.role.value} role{expires}.\n"
+        "[bold yellow]Store the secret now: it will not be shown again.[/] "
+        "Use it with `rexec login` or as REXEC_API_KEY."
+    )
+    return 0
+
+
+def cmd_apikey_list(args: argparse.Namespace, ctx: Context) -> int:
+    keys = ctx.client.list_api_keys()
+    if args.json:
+        ctx.json(keys)
+    else:
+        ctx.out.print(fmt.api_keys_table(keys))
+    return 0
+
+
+def cmd_apikey_revoke(args: argparse.Namespace, ctx: Context) -> int:
+    key = ctx.client.revoke_api_key(args.id)
+    ctx.out.print(f"revoked API key {key.id} ({key.name or key.role.value})")
+    return 0
+
+
+def _read_key(args: argparse.Namespace) -> str:
+    key: str
+    if args.key is not None:
+        key = str(args.key)
+    elif sys.stdin.isatty():
+        key = getpass.getpass("API key: ")
+    else:
+        key = sys.stdin.readline()
+    key = key.strip()
+    if not key:
+        raise UsageError("no API key given: pass --key KEY, pipe it on stdin, or type it")
+    return key
+
+
+def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
+    key = _read_key(args)
+    settings = load_settings()
+    api_url = ctx.api_url or settings.api_url
+    with RexecClient(api_url, api_key=key) as client:
+        who = client.login()
+        file = credentials.store(settings, client.base_url, key)
+    name = f" ({who.name})" if who.name and who.kind != "bootstrap" else ""
+    ctx.out.print(
+        f"logged in to {api_url} as {who.kind} {who.id}{name} with the {who.role.value} role; "
+        f"the key is stored in {file} (mode 0600)"
+    )
+    if settings.api_key:
+        ctx.err.print(
+            "[yellow]note:[/] REXEC_API_KEY is set and is used before the stored key: "
+            "unset it to use this login"
+        )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, ctx: Context) -> int:
+    entries = ctx.client.audit(limit=args.limit)
+    if args.json:
+        ctx.json(entries)
+    else:
+        ctx.out.print(fmt.audit_table(entries))
     return 0
 
 
@@ -363,11 +457,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(pool_sub, "create", cmd_pool_create, "create a pool and its queue")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--description", default="", help="what the pool is for")
+    p.add_argument(
+        "--max-running",
+        type=positive_int,
+        metavar="N",
+        help="at most N of its tasks running (or sent to agents) at once; the rest wait queued",
+    )
     command(pool_sub, "list", cmd_pool_list, "pools with task counts by state", [json_flag])
     p = command(pool_sub, "drain", cmd_pool_drain, "stop sending the pool's tasks to agents")
     p.add_argument("name", metavar="NAME")
     p = command(pool_sub, "resume", cmd_pool_resume, "send the pool's tasks again")
     p.add_argument("name", metavar="NAME")
+    p = command(pool_sub, "update", cmd_pool_update, "change a pool's limit of running tasks")
+    p.add_argument("name", metavar="NAME")
+    limit = p.add_mutually_exclusive_group()
+    limit.add_argument("--max-running", type=positive_int, metavar="N", help="the new limit")
+    limit.add_argument("--unlimited", action="store_true", help="remove the limit")
 
     token = commands.add_parser("token", help="create, list and revoke agent tokens")
     token_sub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
@@ -392,6 +497,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", help="only this pool's tokens")
     p = command(token_sub, "revoke", cmd_token_revoke, "revoke a token")
     p.add_argument("id", metavar="ID")
+
+    apikey = commands.add_parser("apikey", help="create, list and revoke operator API keys")
+    apikey_sub = apikey.add_subparsers(dest="apikey_command", metavar="ACTION", required=True)
+    p = command(
+        apikey_sub,
+        "create",
+        cmd_apikey_create,
+        "create an API key with a role (prints the secret once)",
+        [json_flag],
+    )
+    p.add_argument(
+        "--role",
+        required=True,
+        choices=[r.value for r in Role],
+        help="viewer: read-only; submitter: + submit and cancel tasks; admin: everything",
+    )
+    p.add_argument("--name", default="", help="a label: who or what uses it")
+    p.add_argument(
+        "--expires", type=duration, metavar="DURATION", help="lifetime: 3600s, 90m, 12h, 30d"
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="print only the secret (no reminder on stderr)"
+    )
+    command(apikey_sub, "list", cmd_apikey_list, "API keys (never their secrets)", [json_flag])
+    p = command(apikey_sub, "revoke", cmd_apikey_revoke, "revoke an API key")
+    p.add_argument("id", metavar="ID")
+
+    p = command(
+        commands,
+        "login",
+        cmd_login,
+        "check an API key against the API and store it for the CLI (mode 0600)",
+    )
+    p.add_argument("--key", help="the key (default: read from stdin, or prompt)")
+
+    p = command(
+        commands, "audit", cmd_audit, "who did what: token, key and pool actions", [json_flag]
+    )
+    p.add_argument("--limit", type=positive_int, default=100, metavar="N", help="at most N")
 
     p = command(commands, "agents", cmd_agents, "agents and their heartbeats", [json_flag])
     p.add_argument("--pool", help="only this pool's agents")
@@ -467,6 +611,7 @@ def _subparser(
         args.cmd,
         getattr(args, "pool_command", None),
         getattr(args, "token_command", None),
+        getattr(args, "apikey_command", None),
     ]
     current = parser
     for name in filter(None, names):

@@ -16,6 +16,8 @@ from rich.text import Text
 
 from schemas.api import (
     AgentView,
+    ApiKeyView,
+    AuditEntry,
     PoolView,
     TaskHistoryEntry,
     TaskState,
@@ -141,12 +143,13 @@ def outcome(task: TaskView) -> str:
 
 
 def pools_table(pools: Sequence[PoolView], width: int | None = None) -> Table:
-    columns = [("pool", "left"), ("status", "left")]
+    columns = [("pool", "left"), ("status", "left"), ("max running", "right")]
     columns += [(state, "right") for state in STATE_COLUMNS] + [("created", "left")]
     rows: list[list[str | Text]] = [
         [
             Text(pool.name, style="bold"),
             Text("draining", style="yellow") if pool.draining else Text("active", style="green"),
+            "-" if pool.max_running is None else str(pool.max_running),
             *(
                 Text(str(pool.tasks.get(state, 0)), style=STATE_STYLE[TaskState(state)])
                 for state in STATE_COLUMNS
@@ -155,7 +158,7 @@ def pools_table(pools: Sequence[PoolView], width: int | None = None) -> Table:
         ]
         for pool in pools
     ]
-    drop = ["created", "expired", "cancelled", "timed_out"]
+    drop = ["created", "expired", "cancelled", "timed_out", "max running"]
     return fitted("pools", columns, rows, width, drop)
 
 
@@ -175,6 +178,42 @@ def tokens_table(tokens: Sequence[TokenView]) -> Table:
             ago(token.last_used_at),
             when(token.expires_at) if token.expires_at else "never",
         )
+    return table
+
+
+def api_keys_table(keys: Sequence[ApiKeyView]) -> Table:
+    table = listing("API keys")
+    for column in ("id", "name", "role", "prefix", "state", "created", "last used", "expires"):
+        table.add_column(column)
+    styles = {"active": "green", "expired": "bright_black", "revoked": "red"}
+    for key in keys:
+        table.add_row(
+            key.id,
+            key.name,
+            key.role.value,
+            key.prefix + "…",
+            Text(key.state, style=styles.get(key.state, "")),
+            when(key.created_at),
+            ago(key.last_used_at),
+            when(key.expires_at) if key.expires_at else "never",
+        )
+    return table
+
+
+def audit_table(entries: Sequence[AuditEntry]) -> Table:
+    table = listing("audit log")
+    for column in ("at", "who", "action", "target", "detail"):
+        table.add_column(column, overflow="fold")
+    for entry in entries:
+        who = (
+            "bootstrap"
+            if entry.actor_kind == "bootstrap"
+            else f"{entry.actor_kind} {entry.actor_id}"
+        )
+        if entry.actor_name and entry.actor_kind != "bootstrap":
+            who += f" ({entry.actor_name})"
+        detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items() if v is not None)
+        table.add_row(when(entry.at), who, entry.action, entry.target, detail)
     return table
 
 
@@ -281,7 +320,7 @@ def task_detail(task: TaskView) -> Table:
 
 def history_table(task_id: str, entries: Iterable[TaskHistoryEntry]) -> Table:
     table = listing(f"history of {task_id}")
-    for column in ("at", "attempt", "from", "to", "agent", "reason"):
+    for column in ("at", "attempt", "from", "to", "agent", "reason", "by"):
         table.add_column(column)
     for entry in entries:
         table.add_row(
@@ -291,6 +330,7 @@ def history_table(task_id: str, entries: Iterable[TaskHistoryEntry]) -> Table:
             state_text(entry.to_state),
             entry.agent_id or "-",
             entry.reason or "",
+            entry.by or "",
         )
     return table
 

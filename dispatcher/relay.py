@@ -24,6 +24,7 @@ from sqlalchemy import delete, func, select
 from schemas import messages, names, signing, tracing
 from schemas.api import TaskState
 
+from . import limits
 from .db.models import Outbox, Pool, Task
 from .runtime import BROKER_ERRORS, Runtime
 
@@ -73,12 +74,15 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
     """Publish one batch of due outbox rows; return how many, and when the next one is due."""
     now = time.time()
     async with rt.sessions() as session:
+        # Pools at their max_running are left out; the others get at most their free slots.
+        slots = await limits.free_slots(session)
+        full = [pool for pool, free in slots.items() if free <= 0]
         rows = (
             await session.execute(
                 select(Outbox, Task)
                 .join(Task, Task.id == Outbox.task_id)
                 .join(Pool, Pool.name == Task.pool)
-                .where(Outbox.available_at <= now, Pool.draining.is_(False))
+                .where(Outbox.available_at <= now, Pool.draining.is_(False), Pool.name.not_in(full))
                 .order_by(Outbox.id)
                 .limit(BATCH_SIZE)
             )
@@ -91,6 +95,10 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
                 .join(Pool, Pool.name == Task.pool)
                 .where(Outbox.available_at > now, Pool.draining.is_(False))
             )
+    fetched = len(rows)
+    rows, held = limits.within(rows, slots)
+    if held or full:
+        next_due = min(next_due or now + limits.HELD_POLL, now + limits.HELD_POLL)
     if not rows:
         return 0, next_due
     live = [(o, t) for o, t in rows if t.state == TaskState.QUEUED and t.attempt == o.attempt]
@@ -102,7 +110,7 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
             await session.execute(delete(Outbox).where(Outbox.id.in_(done)))
     if failure is not None:
         raise failure  # after forgetting what was confirmed: the caller backs off and retries
-    return len(rows), next_due
+    return fetched, next_due
 
 
 async def _publish(

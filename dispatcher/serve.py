@@ -58,8 +58,32 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+MIN_BOOTSTRAP_KEY = 16
+
+
+class BootstrapKeyError(ValueError):
+    """A bootstrap admin key too short to be a secret."""
+
+
+def check_bootstrap_key(settings: Settings) -> None:
+    """Refuse a guessable bootstrap key; warn when there is none (only stored keys work)."""
+    key = settings.api_key
+    if key and len(key) < MIN_BOOTSTRAP_KEY:
+        raise BootstrapKeyError(
+            f"REXEC_API_KEY is {len(key)} characters long: the bootstrap admin key must have at "
+            f"least {MIN_BOOTSTRAP_KEY}; make one with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    if not key:
+        log.warning(
+            "REXEC_API_KEY is not set: there is no bootstrap admin key, so only API keys made "
+            "earlier with `rexec apikey create` are accepted; set it to make the first ones"
+        )
+
+
 def main(settings: Settings) -> None:
     logs.configure()
+    check_bootstrap_key(settings)
     tracing.configure("rexec-dispatcher")
     upgrade(settings.database_url)
     try:

@@ -44,7 +44,7 @@ from schemas.api import (
 from schemas.names import validate_pool_name
 from schemas.settings import Settings
 
-from . import credentials, statemachine, transitions
+from . import audit, credentials, statemachine, transitions
 from .db.models import Agent, Outbox, Pool, Task, TaskTransition, Token
 from .runtime import Runtime
 
@@ -143,6 +143,7 @@ def _pool_view(pool: Pool, counts: dict[str, int] | None = None) -> PoolView:
         draining=pool.draining,
         created_at=pool.created_at,
         tasks=counts or {},
+        max_running=pool.max_running,
     )
 
 
@@ -549,18 +550,31 @@ async def _task_counts(session: AsyncSession, pool: str | None = None) -> dict[s
     return counts
 
 
+def _check_max_running(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise Invalid(
+            f"max_running must be at least 1, got {value}: remove the limit with null "
+            "(`rexec pool update NAME --unlimited`), or stop the pool with `rexec pool drain`"
+        )
+
+
 async def create_pool(rt: Runtime, body: PoolCreate) -> PoolView:
     try:
         validate_pool_name(body.name)
     except ValueError as exc:
         raise Invalid(str(exc)) from None
+    _check_max_running(body.max_running)
     async with rt.sessions() as session:
         if await session.get(Pool, body.name) is not None:
             raise Conflict(f"pool {body.name!r} already exists")
     # Topology first: a pool row whose queue is missing would strand its tasks.
     await rt.declare_pool(body.name)
     pool = Pool(
-        name=body.name, description=body.description, draining=False, created_at=time.time()
+        name=body.name,
+        description=body.description,
+        draining=False,
+        created_at=time.time(),
+        max_running=body.max_running,
     )
     try:
         async with rt.sessions.begin() as session:
@@ -594,6 +608,18 @@ async def set_draining(rt: Runtime, name: str, draining: bool) -> PoolView:
     if not draining:
         rt.wake_relay()
     log.info("pool drained" if draining else "pool resumed", extra={"pool": name})
+    return _pool_view(pool, counts.get(name))
+
+
+async def set_max_running(rt: Runtime, name: str, max_running: int | None) -> PoolView:
+    """Change how many of the pool's tasks may run (or be sent to agents) at once."""
+    _check_max_running(max_running)
+    async with rt.sessions.begin() as session:
+        pool = await _load_pool(session, name)
+        pool.max_running = max_running
+        counts = await _task_counts(session, name)
+    rt.wake_relay()
+    log.info("pool updated", extra={"pool": name, "max_running": max_running})
     return _pool_view(pool, counts.get(name))
 
 
@@ -733,6 +759,15 @@ async def register_agent(
         stored = await session.get(Token, token.id)
         if stored is not None:
             stored.last_used_at = now
+        audit.add(
+            session,
+            actor_kind="token",
+            actor_id=token.id,
+            actor_name=token.name,
+            action="agent.register",
+            target=agent.id,
+            detail={"pool": body.pool, "hostname": body.hostname, "pid": body.pid},
+        )
     log.info(
         "agent registered",
         extra={

@@ -101,11 +101,20 @@ class TaskHistoryEntry(msgspec.Struct, kw_only=True):
     to_state: str
     agent_id: str | None
     reason: str | None
+    by: str | None = None
+    """Who asked for it, for operator actions (a cancel): ``apikey <id> (<name>)`` or ``bootstrap``."""
 
 
 class PoolCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str
     description: str = ""
+    max_running: int | None = None
+    """At most this many of the pool's tasks running or sent to agents at once; None: no limit."""
+
+
+class PoolUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    max_running: int | None
+    """The new limit of running (and sent, not yet started) tasks; null removes the limit."""
 
 
 class PoolView(msgspec.Struct, kw_only=True):
@@ -115,6 +124,7 @@ class PoolView(msgspec.Struct, kw_only=True):
     created_at: float
     tasks: dict[str, int] = {}
     """Task counts by state."""
+    max_running: int | None = None
 
 
 class AgentView(msgspec.Struct, kw_only=True):
@@ -191,3 +201,67 @@ class TokenCreated(msgspec.Struct, kw_only=True):
 class ErrorBody(msgspec.Struct, kw_only=True):
     error: str
     detail: Any = None
+
+
+class Role(enum.StrEnum):
+    """What an operator API key may do; each role includes the ones below it."""
+
+    VIEWER = "viewer"
+    """Read-only: tasks, pools, agents, metrics."""
+    SUBMITTER = "submitter"
+    """A viewer that may also submit and cancel tasks."""
+    ADMIN = "admin"
+    """Everything: pools, agent tokens, API keys, the audit log."""
+
+    def allows(self, needed: Role) -> bool:
+        return ROLE_RANK[self] >= ROLE_RANK[needed]
+
+
+ROLE_RANK = {Role.VIEWER: 0, Role.SUBMITTER: 1, Role.ADMIN: 2}
+
+
+class ApiKeyCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    role: Role
+    name: str = ""
+    expires_in: float | None = None
+
+
+class ApiKeyView(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    role: Role
+    prefix: str
+    created_at: float
+    last_used_at: float | None
+    expires_at: float | None
+    state: str
+    """``active``, ``expired`` or ``revoked``."""
+
+
+class ApiKeyCreated(msgspec.Struct, kw_only=True):
+    key: ApiKeyView
+    secret: str
+    """Shown once; only its hash is stored."""
+
+
+class Principal(msgspec.Struct, kw_only=True):
+    """Who a request's API key belongs to."""
+
+    kind: str
+    """``apikey``, or ``bootstrap`` for the REXEC_API_KEY of ``rexec serve``."""
+    id: str
+    name: str
+    role: Role
+
+
+class AuditEntry(msgspec.Struct, kw_only=True):
+    id: int
+    at: float
+    actor_kind: str
+    """``apikey``, ``bootstrap`` or ``token`` (an agent registering with its token)."""
+    actor_id: str
+    actor_name: str
+    action: str
+    """Like ``pool.create``, ``token.revoke``, ``apikey.create``, ``task.cancel``, ``login``."""
+    target: str
+    detail: dict[str, Any] = {}

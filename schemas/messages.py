@@ -158,6 +158,8 @@ def _check_version(body: bytes, what: str) -> None:
         header = _header_decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise MessageError(f"malformed {what} message: {exc}") from None
+    except RecursionError:  # msgspec's own limit on nesting, whatever the fields
+        raise MessageError(f"malformed {what} message: JSON nested too deeply") from None
     if header.v not in SUPPORTED_VERSIONS:
         raise MessageError(
             f"unsupported protocol version {header.v} in {what} message "
@@ -174,6 +176,8 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes, what: str) -> T:
         return decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise MessageError(f"malformed {what} message: {exc}") from None
+    except RecursionError:
+        raise MessageError(f"malformed {what} message: JSON nested too deeply") from None
 
 
 def decode_task(body: bytes) -> TaskMessage:

@@ -43,6 +43,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Port of the agent's health server (``/healthz``, ``/readyz``, ``/metrics``); 0 turns it
     off, so several agents on one machine do not collide. The Helm chart sets 8081."""
     api_key: str = ""
+    """``rexec serve``: the bootstrap admin key (create the others with ``rexec apikey create``).
+    The CLI and client: the key they send (before the credentials file of ``rexec login``)."""
+    credentials_file: str = ""
+    """Where ``rexec login`` stores keys; empty: ``$XDG_CONFIG_HOME/rexec/credentials``."""
+    submit_rate: float = 0.0
+    """Tasks per second one API key may submit (token bucket, per dispatcher replica); 0: no limit."""
+    submit_burst: int = 10_000
+    """Tasks one API key may submit at once before ``submit_rate`` applies."""
     agent_credentials: str = "scoped"
     """``scoped``: each agent gets a RabbitMQ user and a Redis ACL user of its own at
     registration, limited to its pool by the servers themselves (needs the management API and

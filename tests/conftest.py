@@ -27,6 +27,18 @@ AMQP_HOST = os.environ.get("REXEC_TEST_AMQP_HOST", "127.0.0.1:5672")
 MANAGEMENT_URL = os.environ.get("REXEC_TEST_MANAGEMENT_URL", "http://127.0.0.1:15672")
 REDIS_URL = os.environ.get("REXEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_DSN = os.environ.get("REXEC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+BOOTSTRAP_KEY = "rexec_test_bootstrap_" + uuid.uuid4().hex
+"""The bootstrap admin key of every dispatcher the tests start (REXEC_API_KEY)."""
+ADMIN_HEADERS = {"authorization": f"Bearer {BOOTSTRAP_KEY}"}
+
+
+@pytest.fixture(autouse=True)
+def api_key_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """Every test's clients, CLI and ``rexec serve`` processes use the bootstrap admin key,
+    and no test reads or writes the developer's own credentials file."""
+    monkeypatch.setenv("REXEC_API_KEY", BOOTSTRAP_KEY)
+    monkeypatch.setenv("REXEC_CREDENTIALS_FILE", str(tmp_path / "rexec-credentials"))
+    return BOOTSTRAP_KEY
 
 
 @pytest.fixture(scope="session")
@@ -124,6 +136,9 @@ def settings(database_url: str, amqp_url: str, redis_prefix: str, tmp_path: Path
         heartbeat_ttl=3.0,
         signing_key=SIGNING_KEY,
         signing_public_keys=SIGNER.public_key,
+        api_key=BOOTSTRAP_KEY,
+        # The broker's management API of REXEC_TEST_MANAGEMENT_URL (the default's otherwise).
+        management_url=MANAGEMENT_URL.replace("://", "://guest:guest@", 1),
     )
 
 

@@ -11,6 +11,7 @@ submitter's wait returned, so "until the submitter knows every result" is honest
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -49,13 +50,15 @@ class RexecSystem(System):
             "REXEC_REDIS_PREFIX": ctx.prefix,
             "REXEC_API_PORT": str(API_PORT),
             "REXEC_API_URL": self.api_url,
+            # The dispatcher's bootstrap admin key (every API call needs a key).
+            "REXEC_API_KEY": "rexec_bench_" + secrets.token_urlsafe(24),
             "REXEC_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
             "REXEC_WATCHDOG_INTERVAL": str(WATCHDOG_INTERVAL),
             "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
         }
         self.dispatcher: ManagedProcess | None = None
         self.agents: list[ManagedProcess] = []
-        self.client = RexecClient(self.api_url, timeout=120)
+        self.client = RexecClient(self.api_url, api_key=self.env["REXEC_API_KEY"], timeout=120)
         self._settings: dict[str, object] = {}
 
     @classmethod

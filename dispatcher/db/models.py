@@ -31,6 +31,8 @@ class Pool(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     draining: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Double)
+    max_running: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The relay keeps at most this many of the pool's tasks running or sent; None: no limit."""
 
 
 class Token(Base):
@@ -46,6 +48,39 @@ class Token(Base):
     last_used_at: Mapped[float | None] = mapped_column(Double, nullable=True)
     expires_at: Mapped[float | None] = mapped_column(Double, nullable=True)
     revoked_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class ApiKey(Base):
+    """An operator API key: only the hash of its secret is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    role: Mapped[str] = mapped_column(String(16))
+    prefix: Mapped[str] = mapped_column(String(32))
+    secret_hash: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[float] = mapped_column(Double)
+    last_used_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    expires_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+
+
+class AuditEvent(Base):
+    """Who did what and when: token, API-key and operator actions (task states are in
+    ``task_transitions``)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_target", "action", "target"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Double, index=True)
+    actor_kind: Mapped[str] = mapped_column(String(16))
+    actor_id: Mapped[str] = mapped_column(String(64))
+    actor_name: Mapped[str] = mapped_column(String(200), default="")
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(200), default="")
+    detail_json: Mapped[str] = mapped_column(Text, default="{}")
 
 
 class Agent(Base):

@@ -10,6 +10,7 @@ import pytest
 from dispatcher.api import create_app
 from dispatcher.runtime import Runtime, open_runtime
 from schemas.settings import Settings
+from tests.conftest import ADMIN_HEADERS
 
 
 @pytest.fixture
@@ -27,7 +28,9 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
 async def api(runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client calling the app in this event loop (it shares the runtime's connections)."""
     transport = httpx.ASGITransport(app=create_app(runtime))  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://rexec.test") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://rexec.test", headers=ADMIN_HEADERS
+    ) as client:
         yield client
 
 

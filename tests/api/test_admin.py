@@ -53,10 +53,11 @@ async def new_token(api: httpx.AsyncClient, pool: str, **fields: object) -> dict
 async def register(
     api: httpx.AsyncClient, secret: str | None, pool: str, **fields: object
 ) -> httpx.Response:
-    headers = {} if secret is None else {"authorization": f"Bearer {secret}"}
-    return await api.post(
-        "/v1/agents/register", json=register_body(pool, **fields), headers=headers
-    )
+    request = api.build_request("POST", "/v1/agents/register", json=register_body(pool, **fields))
+    del request.headers["authorization"]  # the client's operator key is no agent token
+    if secret is not None:
+        request.headers["authorization"] = f"Bearer {secret}"
+    return await api.send(request)
 
 
 async def test_pools(api: httpx.AsyncClient, runtime: Runtime, pool_name: str) -> None:
@@ -195,7 +196,10 @@ async def test_register_refuses(
         body["version"] = 99
     elif case == "old-protocol":
         body["version"] = 0
-    response = await api.post("/v1/agents/register", json=body, headers=headers)
+    request = api.build_request("POST", "/v1/agents/register", json=body)
+    del request.headers["authorization"]  # the client's operator key is no agent token
+    request.headers.update(headers)
+    response = await api.send(request)
     assert response.status_code == status, response.text
     assert message.format(other=other, pool=pool) in response.json()["error"]
     assert (await api.get("/v1/agents", params={"pool": pool})).json() == []
@@ -234,12 +238,17 @@ async def test_openapi_lists_every_route(api: httpx.AsyncClient) -> None:
         "/v1/tasks/{task_id}/cancel": {"post"},
         "/v1/tasks/{task_id}/history": {"get"},
         "/v1/pools": {"get", "post"},
+        "/v1/pools/{name}": {"patch"},
         "/v1/pools/{name}/drain": {"post"},
         "/v1/pools/{name}/resume": {"post"},
         "/v1/agents": {"get"},
         "/v1/agents/register": {"post"},
         "/v1/tokens": {"get", "post"},
         "/v1/tokens/{token_id}": {"delete"},
+        "/v1/apikeys": {"get", "post"},
+        "/v1/apikeys/{key_id}": {"delete"},
+        "/v1/login": {"post"},
+        "/v1/audit": {"get"},
         "/healthz": {"get"},
     }
     assert {path: set(ops) for path, ops in paths.items()} == expected

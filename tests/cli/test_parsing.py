@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 
 import pytest
 
@@ -31,6 +32,13 @@ UNREACHABLE = f"http://127.0.0.1:{free_port()}"
         (["tasks", "--state", "sleeping"], "invalid choice: 'sleeping'"),
         (["wait"], "the following arguments are required: ID"),
         (["pool"], "required: ACTION"),
+        (["pool", "create", "p", "--max-running", "0"], "argument --max-running"),
+        (["pool", "update", "p", "--max-running", "2", "--unlimited"], "not allowed with"),
+        (["apikey", "create"], "the following arguments are required: --role"),
+        (["apikey", "create", "--role", "root"], "invalid choice: 'root'"),
+        (["apikey", "create", "--role", "viewer", "--expires", "0d"], "invalid duration"),
+        (["apikey"], "required: ACTION"),
+        (["audit", "--limit", "0"], "argument --limit"),
         ([], "required: COMMAND"),
     ],
 )
@@ -42,6 +50,32 @@ def test_bad_command_lines_exit_2(
     assert message in captured.err
     assert "usage: rexec" in captured.err
     assert captured.out == ""
+
+
+def test_serve_refuses_a_short_bootstrap_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REXEC_API_KEY", "s3cret")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "REXEC_API_KEY is 6 characters long" in err and "at least 16" in err
+
+
+def test_serve_warns_without_a_bootstrap_key(caplog: pytest.LogCaptureFixture) -> None:
+    from dispatcher.serve import check_bootstrap_key
+    from schemas.settings import load_settings
+
+    with caplog.at_level("WARNING", logger="rexec.serve"):
+        check_bootstrap_key(load_settings({}))
+    assert "REXEC_API_KEY is not set: there is no bootstrap admin key" in caplog.text
+
+
+def test_login_without_a_key_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["--api-url", UNREACHABLE, "login"]) == 2
+    assert "no API key given" in capsys.readouterr().err
 
 
 def test_json_error_names_the_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -73,7 +107,7 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for command in ("serve", "pool", "token", "agents", "submit", "status", "wait", "cancel"):
         assert command in out
-    for command in ("tasks", "events", "top"):
+    for command in ("tasks", "events", "top", "apikey", "login", "audit"):
         assert command in out
 
 

@@ -524,7 +524,12 @@ def test_dispatcher_settings_become_rexec_variables(helm: Path) -> None:
     assert env["REXEC_REDIS_PREFIX"]["value"] == "rexec-prod"
     assert "REXEC_MAX_RESULT_BYTES" not in env  # null keeps rexec's default
     defaults = env_of(one(render(helm, DISPATCHER), "Deployment"))
-    assert not {"REXEC_HEARTBEAT_TTL", "REXEC_API_KEY", "REXEC_REDIS_PREFIX"} & defaults.keys()
+    assert not {"REXEC_HEARTBEAT_TTL", "REXEC_REDIS_PREFIX"} & defaults.keys()
+    # Every API call needs a key: by default the bootstrap admin key comes from the Secret.
+    assert defaults["REXEC_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "rexec",
+        "key": "api-key",
+    }
 
 
 def test_dispatcher_service_monitor_only_when_enabled(helm: Path) -> None:
@@ -535,6 +540,11 @@ def test_dispatcher_service_monitor_only_when_enabled(helm: Path) -> None:
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     [endpoint] = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    # /metrics needs a viewer API key, sent from a Secret.
+    assert endpoint["authorization"] == {
+        "type": "Bearer",
+        "credentials": {"name": "rexec-prometheus", "key": "viewer-key"},
+    }
     service = one(docs, "Service")
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()

@@ -9,6 +9,7 @@ import pytest
 
 from client import RexecClient
 from schemas.settings import Settings
+from tests.conftest import BOOTSTRAP_KEY
 from tests.support import Process, free_port, http_ready, python_entry, wait_until
 
 
@@ -22,6 +23,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "REXEC_API_PORT": str(settings.api_port),
         "REXEC_HEARTBEAT_TTL": str(settings.heartbeat_ttl),
         "REXEC_WATCHDOG_INTERVAL": str(settings.watchdog_interval),
+        "REXEC_API_KEY": settings.api_key or BOOTSTRAP_KEY,
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
     if settings.signing_key:

@@ -15,7 +15,7 @@ import pytest
 from client import RexecClient
 from schemas.api import TaskState, TaskView
 from schemas.settings import Settings, load_settings
-from tests.conftest import REDIS_URL
+from tests.conftest import MANAGEMENT_URL, REDIS_URL
 from tests.e2e.conftest import Plane, pytest_runtest_makereport  # noqa: F401  (logs on failure)
 from tests.faults.servers import PrivateRabbit, PrivateRedis
 
@@ -31,6 +31,7 @@ def fault_settings(sqlite_url: str, amqp_url: str, redis_prefix: str) -> Setting
         amqp_url=amqp_url,
         redis_url=REDIS_URL,
         redis_prefix=f"{redis_prefix}-{uuid.uuid4().hex[:6]}",
+        management_url=MANAGEMENT_URL.replace("://", "://guest:guest@", 1),
         **FAST,
     )
 

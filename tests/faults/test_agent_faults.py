@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from schemas.api import TaskState
+from tests.conftest import ADMIN_HEADERS
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import ALLOW, assert_each_terminal_once
 from tests.support import Process, wait_until
@@ -47,7 +48,10 @@ def alive(pid: int) -> bool:
 
 
 def stale_events(plane: Plane) -> float:
-    text = httpx.get(f"{plane.settings.api_url}/metrics", timeout=10).text
+    # /metrics needs a viewer key: the bootstrap admin key will do.
+    response = httpx.get(f"{plane.settings.api_url}/metrics", headers=ADMIN_HEADERS, timeout=10)
+    response.raise_for_status()
+    text = response.text
     found = re.search(r'^rexec_stale_events_total\{reason="stale_attempt"\} (\S+)$', text, re.M)
     return float(found.group(1)) if found else 0.0
 
