@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import msgspec
 
+from .redis_url import check_redis_url
+
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str = "sqlite+aiosqlite:///rexec.db"
@@ -51,6 +53,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
             raw[field.name] = value
     raw.update(overrides)
     try:
-        return msgspec.convert(raw, Settings, strict=False)
+        settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ValueError(f"invalid rexec setting: {exc} (check the REXEC_* variables)") from None
+    check_redis_url(settings.redis_url)  # a RedisURLError (a ValueError) names what is wrong
+    return settings

@@ -33,6 +33,7 @@ from yarl import URL
 
 from schemas import messages, names, tracing
 from schemas.names import RedisKeys
+from schemas.redis_client import open_redis
 from schemas.settings import Settings
 
 from . import spans
@@ -205,7 +206,7 @@ class Agent:
                     tg.start_soon(health.run)
                 try:
                     async with AsyncExitStack() as stack:
-                        redis = Redis.from_url(self.settings.redis_url)
+                        redis = open_redis(self.settings.redis_url)
                         stack.push_async_callback(redis.aclose)
                         connection = await self._connect()
                         stack.push_async_callback(_close_quietly, connection)
