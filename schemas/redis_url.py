@@ -174,8 +174,7 @@ def _options(url: str, query: str) -> tuple[dict[str, str], dict[str, float]]:
 
 def _error(url: str, why: str) -> RedisURLError:
     return RedisURLError(
-        f"REXEC_REDIS_URL {_redacted(url)!r} is not a valid Sentinel URL: {why}. "
-        f"Expected {FORM}"
+        f"REXEC_REDIS_URL {_redacted(url)!r} is not a valid Sentinel URL: {why}. Expected {FORM}"
     )
 
 

@@ -83,9 +83,7 @@ async def test_after_redis_lost_its_data_no_one_is_judged_for_one_ttl(
 
 
 @pytest.mark.anyio
-async def test_another_redis_server_answering_starts_the_grace(
-    rt: Runtime, pool_name: str
-) -> None:
+async def test_another_redis_server_answering_starts_the_grace(rt: Runtime, pool_name: str) -> None:
     """A Sentinel failover: the promoted replica has the epoch key but may lack the newest
     heartbeat writes. Its run_id differs from the server trusted before, so grace first."""
     await make_pool(rt, pool_name)
