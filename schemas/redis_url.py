@@ -42,11 +42,6 @@ class SentinelURL:
     socket_timeout: float = DEFAULT_SOCKET_TIMEOUT
     socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
-    def describe(self) -> str:
-        """The URL without secrets, for logs and error messages."""
-        hosts = ",".join(f"{_host_text(h)}:{p}" for h, p in self.sentinels)
-        return f"{SENTINEL_SCHEME}://{hosts}/{self.service}/{self.db}"
-
 
 def is_sentinel(url: str) -> bool:
     return url.partition("://")[0].lower() == SENTINEL_SCHEME
@@ -195,7 +190,3 @@ def _redacted(url: str) -> str:
         ]
         tail = f"{head}?{'&'.join(pairs)}"
     return f"{scheme}{sep}{netloc}{slash}{tail}"
-
-
-def _host_text(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
