@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from schemas import messages, names
 from schemas.names import RedisKeys
+from schemas.redis_client import open_redis
 from schemas.settings import Settings
 from schemas.signing import Signer
 
@@ -83,7 +84,7 @@ class Runtime:
 @asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     engine = make_engine(settings.database_url)
-    redis = Redis.from_url(settings.redis_url)
+    redis = open_redis(settings.redis_url)
     connection = await aio_pika.connect_robust(
         settings.amqp_url,
         client_properties={

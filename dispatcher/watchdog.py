@@ -2,9 +2,11 @@
 
 It runs on one dispatcher replica at a time (a leader lease in the database, fenced by its
 epoch). An agent is dead when its Redis heartbeat key is gone. A Redis outage is not "all
-agents dead": while Redis is unreachable the watchdog pauses, and after Redis comes back, or
-lost its data (the epoch key is missing), it waits one heartbeat TTL before judging anyone,
-so live agents have time to write their keys again.
+agents dead": while Redis is unreachable the watchdog pauses, and after Redis comes back, lost
+its data (the epoch key is missing), or is another server (its ``run_id`` changed: a restart,
+or a Sentinel failover that promoted a replica, which may lack the newest heartbeat writes),
+it waits one heartbeat TTL before judging anyone, so live agents have time to write their
+keys again.
 """
 
 from __future__ import annotations
@@ -39,32 +41,71 @@ AGENT_LOST_ERROR = (
 
 
 class RedisGate:
-    """Says when heartbeats can be trusted: Redis reachable, and not just back from a loss."""
+    """Says when heartbeats can be trusted: Redis reachable, and not just back from a loss.
+
+    "A loss" is anything after which a live agent's key may be missing: Redis was unreachable,
+    the epoch key is gone (data lost), or the server answering is not the one trusted before
+    (``run_id``; a client that follows a Sentinel failover may never see an error, since
+    redis-py retries a failed command on the new master).
+    """
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.epoch_key = f"{rt.keys.prefix}:epoch"
         self.trusted_from = 0.0
         self.reachable = True
+        self.server: str | None = None
+        """``run_id`` of the Redis server judged on; None until first seen (or unknown)."""
 
     async def trusted(self) -> bool:
         now = time.time()
         try:
-            created = await self.rt.redis.set(self.epoch_key, uuid.uuid4().hex, nx=True)
+            async with self.rt.redis.pipeline(transaction=False) as pipe:
+                pipe.set(self.epoch_key, uuid.uuid4().hex, nx=True)
+                pipe.info("server")
+                created, info = await pipe.execute(raise_on_error=False)
+            if isinstance(created, Exception):
+                raise created
         except (RedisError, OSError) as exc:
             if self.reachable:
                 log.warning("redis unreachable: watchdog paused", extra={"error": str(exc)})
             self.reachable = False
             return False
-        if not self.reachable or created:
-            why = "came back" if not self.reachable else "lost its data (or is new)"
-            log.warning(
-                f"redis {why}: judging no agent for one heartbeat TTL",
-                extra={"grace": self.rt.settings.heartbeat_ttl},
-            )
-            self.reachable = True
-            self.trusted_from = now + self.rt.settings.heartbeat_ttl
+        run_id = _run_id(info)
+        if not self.reachable:
+            self.grace("came back", now)
+        elif created:
+            self.grace("lost its data (or is new)", now)
+        elif self.server is not None and run_id is not None and run_id != self.server:
+            self.grace("is another server (failover or restart)", now)
+        self.reachable = True
+        self.server = run_id
         return now >= self.trusted_from
+
+    def same_server(self, info: object) -> bool:
+        """Whether ``info`` (an ``INFO server`` reply read beside heartbeat keys) comes from
+        the server the gate trusted; if not, start the grace and say no."""
+        run_id = _run_id(info)
+        if run_id is None or self.server is None or run_id == self.server:
+            return True
+        self.server = run_id
+        self.grace("is another server (failover or restart)", time.time())
+        return False
+
+    def grace(self, why: str, now: float) -> None:
+        log.warning(
+            f"redis {why}: judging no agent for one heartbeat TTL",
+            extra={"grace": self.rt.settings.heartbeat_ttl},
+        )
+        self.trusted_from = now + self.rt.settings.heartbeat_ttl
+
+
+def _run_id(info: object) -> str | None:
+    """The server's ``run_id`` from an ``INFO server`` reply; None where INFO is refused."""
+    if isinstance(info, dict):
+        run_id = info.get("run_id")
+        return str(run_id) if run_id else None
+    return None
 
 
 class Watchdog:
@@ -107,9 +148,17 @@ class Watchdog:
         if not agent_ids:
             return
         async with self.rt.redis.pipeline(transaction=False) as pipe:
+            # One connection, so INFO tells which server answered the EXISTS: a failover
+            # since the gate's check must not turn keys the new master lacks into deaths.
+            pipe.info("server")
             for agent_id in agent_ids:
                 pipe.exists(self.rt.keys.agent(agent_id))
-            alive = await pipe.execute()
+            info, *alive = await pipe.execute(raise_on_error=False)
+        errors = [e for e in alive if isinstance(e, Exception)]
+        if errors:
+            raise errors[0]
+        if not self.gate.same_server(info):
+            return
         for agent_id, is_alive in zip(agent_ids, alive, strict=True):
             if not is_alive:
                 await self.agent_lost(agent_id)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import msgspec
 
+from .redis_url import check_redis_url
+
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str = "sqlite+aiosqlite:///rexec.db"
@@ -86,6 +88,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
             f"invalid rexec setting: REXEC_AGENT_CREDENTIALS={settings.agent_credentials!r}; "
             f"use one of {', '.join(AGENT_CREDENTIALS)}"
         )
+    check_redis_url(settings.redis_url)  # a RedisURLError (a ValueError) names what is wrong
     return settings
 
 

@@ -34,6 +34,8 @@ from yarl import URL
 
 from schemas import messages, names, signing, tls, tracing
 from schemas.names import RedisKeys
+from schemas.redis_client import open_redis
+from schemas.redis_url import RedisURLError
 from schemas.settings import Settings, key_list
 
 from . import spans
@@ -47,7 +49,7 @@ from .execution import Executor
 from .health import HealthServer
 from .heartbeat import Heartbeat
 from .intake import Intake, Slot, requeue
-from .leases import Claim, ClaimResult, LeaseStore, LostLease
+from .leases import Claim, ClaimResult, LeaseStore, LostLease, OwnClaims
 from .metrics import AgentMetrics, Counters, Outcome, attempt_outcome
 from .reports import Reporter
 
@@ -145,6 +147,7 @@ class Agent:
         self._stop_requested: anyio.Event | None = None
         self._finished: anyio.Event | None = None
         self._held: set[tuple[str, int]] = set()
+        self._own_claims = OwnClaims()
         self._handlers = 0
         self._handlers_idle: anyio.Event | None = None
         self._started = False
@@ -210,7 +213,10 @@ class Agent:
                     tg.start_soon(health.run)
                 try:
                     async with AsyncExitStack() as stack:
-                        redis = Redis.from_url(self.settings.redis_url)
+                        try:
+                            redis = open_redis(self.settings.redis_url)
+                        except RedisURLError as exc:  # e.g. one handed over at registration
+                            raise AgentError(str(exc)) from None
                         stack.push_async_callback(redis.aclose)
                         connection = await self._connect()
                         stack.push_async_callback(_close_quietly, connection)
@@ -551,7 +557,20 @@ class Agent:
     async def _claim_and_run(
         self, message: AbstractIncomingMessage, task: messages.TaskMessage, slot: Slot
     ) -> Outcome:
-        claim = await self._claim(task)
+        key = (task.task_id, task.attempt)
+        self._own_claims.claiming(key)
+        try:
+            claim = await self._claim(task)
+        finally:
+            self._own_claims.claimed(key)
+        if (
+            claim is not None
+            and claim.outcome is Claim.DUPLICATE
+            and claim.previous_holder == self.agent_id
+            and self._own_claims.is_lost_reply(key, self._held)
+        ):
+            self._log_task(logging.WARNING, "claim answered late: the lease is ours", task)
+            claim = ClaimResult(Claim.CLAIMED, "")
         if claim is None:  # draining while Redis was unreachable
             await requeue(message)
             self.stats.handed_back += 1
@@ -568,7 +587,6 @@ class Agent:
             self.stats.cancelled_before_start += 1
             self._log_task(logging.INFO, "task cancelled before it started", task)
             return Outcome.CANCELLED
-        key = (task.task_id, task.attempt)
         self._held.add(key)
         if claim.previous_holder:
             self._log_task(
@@ -662,6 +680,7 @@ class Agent:
     async def _release(self, task: messages.TaskMessage) -> None:
         key = (task.task_id, task.attempt)
         self._held.discard(key)
+        self._own_claims.finished(key)
         try:
             await self._leases.release(*key)
         except (RedisError, OSError):

@@ -7,10 +7,13 @@ in the user and password the orchestration plane created for it.
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import msgspec
 from yarl import URL
 
 from schemas.api import AgentRegistered
+from schemas.redis_url import is_sentinel
 from schemas.settings import Settings, key_list
 
 
@@ -23,6 +26,16 @@ def with_login(url: str, user: str, password: str) -> str:
     )
 
 
+def with_redis_login(url: str, user: str, password: str) -> str:
+    """``url`` logging in to Redis as ``user``; for a Sentinel URL, to the master it names."""
+    if not is_sentinel(url):
+        return with_login(url, user, password)
+    scheme, _, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    hosts = netloc.rpartition("@")[2]
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{hosts}{slash}{path}"
+
+
 def registered_settings(settings: Settings, registered: AgentRegistered) -> Settings:
     """The agent's settings once registered: its heartbeat TTL, credentials and keys."""
     overrides: dict[str, object] = {"heartbeat_ttl": registered.heartbeat_ttl}
@@ -31,7 +44,7 @@ def registered_settings(settings: Settings, registered: AgentRegistered) -> Sett
         overrides["amqp_url"] = with_login(
             settings.amqp_url, scoped.amqp_username, scoped.amqp_password
         )
-        overrides["redis_url"] = with_login(
+        overrides["redis_url"] = with_redis_login(
             settings.redis_url, scoped.redis_username, scoped.redis_password
         )
     if not key_list(settings.signing_public_keys):  # pinned keys win over announced ones

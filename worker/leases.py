@@ -10,6 +10,8 @@ so a Redis restart that lost every key does not orphan running attempts.
 from __future__ import annotations
 
 import enum
+import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -176,3 +178,43 @@ class LeaseStore:
             task_id, _, attempt = _text(raw[i]).rpartition(":")
             lost.append(LostLease(task_id, int(attempt), _text(raw[i + 1])))
         return lost
+
+
+class OwnClaims:
+    """What this agent knows of its own claims, to read a ``duplicate`` held by itself.
+
+    A claim whose reply was lost (a socket timeout, a connection cut by a Redis failover) is
+    sent again, by redis-py's retry or by the agent's; the second finds the lease held by this
+    very agent. That is this agent's claim, not a duplicate delivery, unless the agent is
+    claiming, holding or has finished that attempt itself: dropping it would lose the task.
+    """
+
+    def __init__(self, remember_for: float = RELEASED_TTL, limit: int = 100_000) -> None:
+        self.remember_for = remember_for
+        self.limit = limit
+        self._claiming: Counter[tuple[str, int]] = Counter()
+        self._finished: OrderedDict[tuple[str, int], float] = OrderedDict()
+
+    def claiming(self, key: tuple[str, int]) -> None:
+        self._claiming[key] += 1
+
+    def claimed(self, key: tuple[str, int]) -> None:
+        """The claim call returned (whatever its outcome)."""
+        self._claiming[key] -= 1
+        if self._claiming[key] <= 0:
+            del self._claiming[key]
+
+    def finished(self, key: tuple[str, int]) -> None:
+        """The attempt ended here: its lease lingers, and a late copy is a real duplicate."""
+        now = time.monotonic()
+        self._finished[key] = now
+        self._finished.move_to_end(key)
+        while self._finished and (
+            len(self._finished) > self.limit
+            or next(iter(self._finished.values())) < now - self.remember_for
+        ):
+            self._finished.popitem(last=False)
+
+    def is_lost_reply(self, key: tuple[str, int], held: set[tuple[str, int]]) -> bool:
+        """A ``duplicate`` held by this agent: whether it is its own claim, answered late."""
+        return key not in held and key not in self._claiming and key not in self._finished

@@ -85,6 +85,38 @@ async def test_after_redis_lost_its_data_no_one_is_judged_for_one_ttl(
 
 
 @pytest.mark.anyio
+async def test_another_redis_server_answering_starts_the_grace(rt: Runtime, pool_name: str) -> None:
+    """A Sentinel failover: the promoted replica has the epoch key but may lack the newest
+    heartbeat writes. Its run_id differs from the server trusted before, so grace first."""
+    await make_pool(rt, pool_name)
+    task_id = await make_task(rt, pool_name, TaskState.RUNNING, agent="beat-lost", outbox=False)
+    watchdog = await leading_watchdog(rt)
+    assert watchdog.gate.server, "the gate knows which server it trusts"
+    watchdog.gate.server = "run-id-of-the-old-master"
+    await watchdog.tick()
+    assert (await task_row(rt, task_id)).state == "running", "judged right after a failover"
+    assert watchdog.gate.trusted_from > time.time()
+    watchdog.gate.trusted_from = time.time() - 1  # one TTL later
+    await watchdog.tick()
+    assert (await task_row(rt, task_id)).state == "queued"
+
+
+@pytest.mark.anyio
+async def test_a_failover_between_the_gate_and_the_key_check_judges_no_one(
+    rt: Runtime, pool_name: str
+) -> None:
+    await make_pool(rt, pool_name)
+    task_id = await make_task(rt, pool_name, TaskState.RUNNING, agent="beat-lost-2", outbox=False)
+    watchdog = await leading_watchdog(rt)
+    real = watchdog.gate.server
+    watchdog.gate.server = "run-id-of-the-old-master"  # what the gate saw a moment ago
+    await watchdog.requeue_lost()
+    assert (await task_row(rt, task_id)).state == "running"
+    assert watchdog.gate.server == real and watchdog.gate.trusted_from > time.time()
+    assert not await watchdog.gate.trusted(), "in grace until one TTL has passed"
+
+
+@pytest.mark.anyio
 async def test_a_replica_that_lost_the_lease_changes_nothing(rt: Runtime, pool_name: str) -> None:
     await make_pool(rt, pool_name)
     task_id = await make_task(rt, pool_name, TaskState.RUNNING, agent="gone-agent-2", outbox=False)

@@ -17,7 +17,7 @@ from schemas.api import TaskState, TaskView
 from schemas.settings import Settings, load_settings
 from tests.conftest import MANAGEMENT_URL, REDIS_URL
 from tests.e2e.conftest import Plane, pytest_runtest_makereport  # noqa: F401  (logs on failure)
-from tests.faults.servers import PrivateRabbit, PrivateRedis
+from tests.faults.servers import PrivateRabbit, PrivateRedis, PrivateSentinel
 
 FAST = {"heartbeat_ttl": 2.0, "watchdog_interval": 0.5}
 ALLOW = ["--allow", "tests.tasks:*", "--allow", "tests.faults.tasks:*"]
@@ -45,6 +45,26 @@ def private_rabbit(run_id: str) -> Iterator[PrivateRabbit]:
         yield rabbit
     finally:
         rabbit.cleanup()
+
+
+@pytest.fixture(scope="session")
+def sentinel_servers() -> Iterator[PrivateSentinel]:
+    """A master, a replica and three Sentinels of this session's own, all stopped at its end."""
+    group = PrivateSentinel()
+    try:
+        group.start()
+        yield group
+    finally:
+        group.cleanup()
+
+
+@pytest.fixture
+def sentinel_group(sentinel_servers: PrivateSentinel) -> PrivateSentinel:
+    """The session's Sentinel group with a master and a synced replica (healed if an earlier
+    test killed a node), ready to fail over."""
+    if not sentinel_servers.settled():
+        sentinel_servers.heal()
+    return sentinel_servers
 
 
 @pytest.fixture

@@ -11,12 +11,15 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.faults.certs import ServerCert
 from tests.support import free_port, wait_until
@@ -225,10 +228,177 @@ class PrivateRedis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class PrivateSentinel:
+    """A master, one replica and three Sentinels (quorum 2) of a test session's own.
+
+    Sentinels mark a silent master down after about a second, so killing the master makes
+    them promote the replica within a few seconds. ``heal`` brings a killed node back as a
+    replica of whoever is master now, so the group can fail over again.
+    """
+
+    SERVICE = "mymaster"
+
+    def __init__(self, down_after_ms: int = 1000) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="rexec-sentinel-"))
+        self.node_ports = [free_port(), free_port()]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.down_after_ms = down_after_ms
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return (
+            f"redis+sentinel://{hosts}/{self.SERVICE}/0?socket_timeout=1&socket_connect_timeout=1"
+        )
+
+    def _pidfile(self, port: int) -> Path:
+        return self.dir / f"redis-{port}.pid"
+
+    def _start_node(self, port: int, replica_of: int | None) -> None:
+        argv = [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+            "--dir",
+            str(self.dir),
+            "--dbfilename",
+            f"dump-{port}.rdb",
+            "--pidfile",
+            str(self._pidfile(port)),
+            "--logfile",
+            str(self.dir / f"redis-{port}.log"),
+        ]
+        if replica_of is not None:
+            argv += ["--replicaof", "127.0.0.1", str(replica_of)]
+        subprocess.run(argv, check=True, capture_output=True)
+        client = _client(port)
+        wait_until(lambda: _pings(client), 10, f"redis node {port}")
+        client.close()
+
+    def _start_sentinel(self, port: int, master_port: int) -> None:
+        conf = self.dir / f"sentinel-{port}.conf"
+        conf.write_text(
+            f"port {port}\n"
+            "bind 127.0.0.1\n"
+            "daemonize yes\n"
+            f"pidfile {self.dir / f'sentinel-{port}.pid'}\n"
+            f"logfile {self.dir / f'sentinel-{port}.log'}\n"
+            f"dir {self.dir}\n"
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {master_port} 2\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.SERVICE} 5000\n"
+            f"sentinel parallel-syncs {self.SERVICE} 1\n"
+        )
+        subprocess.run(["redis-server", str(conf), "--sentinel"], check=True, capture_output=True)
+
+    def start(self) -> None:
+        master, replica = self.node_ports
+        self._start_node(master, None)
+        self._start_node(replica, master)
+        for port in self.sentinel_ports:
+            self._start_sentinel(port, master)
+        wait_until(self.settled, 30, "the sentinels to see the master, its replica and each other")
+
+    def sentinel_state(self) -> dict[str, object] | None:
+        client = _client(self.sentinel_ports[0])
+        try:
+            return dict(client.sentinel_master(self.SERVICE))
+        except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError):
+            return None
+        finally:
+            client.close()
+
+    def master_port(self) -> int | None:
+        """The master every Sentinel agrees on, once it is up (None during a failover)."""
+        ports = set()
+        for port in self.sentinel_ports:
+            client = _client(port)
+            try:
+                _host, master = client.sentinel_get_master_addr_by_name(self.SERVICE)
+                state = client.sentinel_master(self.SERVICE)
+            except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError, TypeError):
+                return None
+            finally:
+                client.close()
+            if state.get("is_sdown") or state.get("is_odown") or not state.get("is_master"):
+                return None
+            ports.add(int(master))
+        return ports.pop() if len(ports) == 1 else None
+
+    def settled(self) -> bool:
+        """One agreed master with a live, synced replica, and every Sentinel knows the others."""
+        master = self.master_port()
+        if master is None:
+            return False
+        for port in self.sentinel_ports:
+            client = _client(port)
+            try:
+                state = client.sentinel_master(self.SERVICE)
+                replicas = client.sentinel_slaves(self.SERVICE)
+            except (redis.ConnectionError, redis.ResponseError, redis.TimeoutError):
+                return False
+            finally:
+                client.close()
+            if int(state.get("num-other-sentinels", 0)) < len(self.sentinel_ports) - 1:
+                return False
+            live = [r for r in replicas if not r.get("is_sdown") and not r.get("is_odown")]
+            if not any(r.get("master-link-status") == "ok" for r in live):
+                return False
+        return True
+
+    def kill_master(self) -> int:
+        """kill -9 the current master; returns its port."""
+        master = self.master_port()
+        assert master is not None, "no agreed master to kill"
+        pid = int(self._pidfile(master).read_text())
+        os.kill(pid, signal.SIGKILL)
+        client = _client(master)
+        wait_until(lambda: not _pings(client), 10, "the killed master to stop answering")
+        client.close()
+        self._pidfile(master).unlink(missing_ok=True)
+        return master
+
+    def heal(self) -> None:
+        """Start every dead node again as a replica of the current master."""
+        master = wait_until(self.master_port, 30, "an agreed master")
+        for port in self.node_ports:
+            client = _client(port)
+            alive = _pings(client)
+            client.close()
+            if not alive:
+                self._start_node(port, master)
+        wait_until(self.settled, 30, "the sentinel group to settle")
+
+    def cleanup(self) -> None:
+        for pidfile in self.dir.glob("*.pid"):
+            with contextlib.suppress(ValueError, ProcessLookupError, FileNotFoundError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        for port in self.node_ports + self.sentinel_ports:
+            client = _client(port)
+            wait_until(lambda c=client: not _pings(c), 10, f"redis {port} to stop")  # type: ignore[misc]
+            client.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _client(port: int) -> redis.Redis:
+    """A client that fails at once: no retries, so polling a dead server is quick."""
+    return redis.Redis(
+        port=port, socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+
+
 def _pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
-    except redis.ConnectionError:
+    except (redis.ConnectionError, redis.TimeoutError):
         return False
 
 
@@ -246,3 +416,14 @@ if __name__ == "__main__":  # a quick manual check: python -m tests.faults.serve
     r.restart()
     r.cleanup()
     print("redis ok")
+    began = time.monotonic()
+    group = PrivateSentinel()
+    group.start()
+    print(f"sentinel group up in {time.monotonic() - began:.1f}s, master {group.master_port()}")
+    began = time.monotonic()
+    killed = group.kill_master()
+    wait_until(lambda: group.master_port() not in (None, killed), 30, "a failover")
+    print(f"failover in {time.monotonic() - began:.1f}s, master now {group.master_port()}")
+    group.heal()
+    print(f"healed in {time.monotonic() - began:.1f}s")
+    group.cleanup()

@@ -36,3 +36,14 @@ def kill_agent() -> None:
     """A poison task: it kills the agent running it (the child's parent), every time."""
     os.kill(os.getppid(), signal.SIGKILL)
     time.sleep(30)
+
+
+def hold(release: str, timeout: float = 60.0) -> str:
+    """Run until the test creates ``release`` (or ``timeout`` passes): a task as long as the
+    test needs, without guessing a duration."""
+    deadline = time.monotonic() + timeout
+    while not Path(release).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} was not created within {timeout}s")
+        time.sleep(0.05)
+    return "released"

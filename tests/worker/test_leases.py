@@ -46,6 +46,27 @@ async def test_duplicate_delivery_runs_once(
         )
 
 
+async def test_a_claim_whose_reply_was_lost_still_runs(
+    broker: Broker, agent_settings: Settings, pool: str, redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    """The claim ran in Redis but its reply was lost (a timeout, a failover) and was sent
+    again: the lease is already this agent's. That is not a duplicate; dropping it would lose
+    the task (its delivery acked, nothing ever started)."""
+    async with running_agent(broker, agent_settings, pool) as agent:
+        message = task(pool)
+        redis_client.set(keys.lease(message.task_id, 1), agent.agent_id, ex=60)
+        redis_client.sadd(keys.agent_leases(agent.agent_id), member(message.task_id, 1))
+        event = await broker.run(pool, message)
+        assert isinstance(event, messages.Succeeded)
+        assert agent.stats.duplicates == 0
+        await broker.publish(pool, message)  # a real duplicate after it finished
+        await until(lambda: agent.stats.duplicates == 1, 5, "the late duplicate dropped")
+        assert [type(e) for e in broker.of(message.task_id)] == [
+            messages.Started,
+            messages.Succeeded,
+        ]
+
+
 async def test_cancel_marker_prevents_start(
     broker: Broker, agent_settings: Settings, pool: str, redis_client: redis.Redis, keys: RedisKeys
 ) -> None:

@@ -10,8 +10,9 @@ import msgspec
 import pytest
 
 from schemas.api import AgentRegister, AgentRegistered
+from schemas.redis_url import parse_sentinel_url
 from schemas.settings import load_settings
-from worker.credentials import registered_settings
+from worker.credentials import registered_settings, with_redis_login
 from worker.registration import RegistrationError, register
 
 pytestmark = pytest.mark.anyio
@@ -178,3 +179,12 @@ async def test_a_failed_handshake_is_retried_then_named() -> None:
     with pytest.raises(RegistrationError, match="TLS handshake with the rexec API at https://"):
         await register(settings, "t", BODY, transport=_tls_failure(error, seen), retry_for=0.5)
     assert len(seen) > 1
+
+
+def test_issued_redis_login_goes_to_the_master_behind_sentinel() -> None:
+    url = with_redis_login(
+        "redis+sentinel://old:pw@s1:26379,s2/mymaster/1?sentinel_password=x", "agent-a", "p-1"
+    )
+    assert url == "redis+sentinel://agent-a:p-1@s1:26379,s2/mymaster/1?sentinel_password=x"
+    parsed = parse_sentinel_url(url)
+    assert (parsed.username, parsed.password, parsed.db) == ("agent-a", "p-1", 1)

@@ -11,6 +11,7 @@ from worker import protocol
 from worker.allow import allowed, task_target
 from worker.child import Runner
 from worker.events import EventPublisher
+from worker.leases import OwnClaims
 
 pytestmark = pytest.mark.anyio
 
@@ -132,3 +133,22 @@ def test_outcome_result_is_raw_json() -> None:
         },
         messages.Succeeded,
     )
+
+
+def test_own_claims_tell_a_late_reply_from_a_duplicate() -> None:
+    claims = OwnClaims(remember_for=60, limit=2)
+    a, b, c = ("a", 1), ("b", 1), ("c", 1)
+    assert claims.is_lost_reply(a, held=set())
+    assert not claims.is_lost_reply(a, held={a}), "running here: a duplicate"
+    claims.claiming(a)
+    assert not claims.is_lost_reply(a, held=set()), "another copy is being claimed here"
+    claims.claimed(a)
+    claims.finished(a)
+    assert not claims.is_lost_reply(a, held=set()), "finished here: a late duplicate"
+    claims.finished(b)
+    claims.finished(c)  # past the limit: the oldest is forgotten
+    assert claims.is_lost_reply(a, held=set()) and not claims.is_lost_reply(c, held=set())
+    old = OwnClaims(remember_for=-1.0)  # everything is older than that
+    old.finished(a)
+    old.finished(b)
+    assert old.is_lost_reply(a, held=set())
