@@ -57,3 +57,24 @@ NOT_CALLABLE = 42
 
 def getenv(name: str) -> str | None:
     return os.environ.get(name)
+
+
+def chatty(name: str, lines: int = 3) -> str:
+    """Writes to stdout, stderr (also from a subprocess) and logging: a task log's raw material."""
+    import logging
+    import subprocess
+    import sys
+
+    for i in range(lines):
+        print(f"out {name} {i}")
+    print(f"err {name}", file=sys.stderr)
+    logging.getLogger("tests.chatty").info("logged %s", name)
+    logging.getLogger("tests.chatty").warning("warned %s", name)
+    subprocess.run(["sh", "-c", f"echo sub-out {name}; echo sub-err {name} >&2"], check=True)
+    print("no newline at the end", end="")
+    return name
+
+
+def chatty_fail(name: str) -> None:
+    print(f"about to fail {name}")
+    raise ValueError(f"failed {name}")

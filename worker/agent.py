@@ -47,6 +47,7 @@ from .health import HealthServer
 from .heartbeat import Heartbeat
 from .intake import Intake, Slot, requeue
 from .leases import Claim, ClaimResult, LeaseStore, LostLease
+from .logstore import LogStore, LogStoreError, Mask, open_store
 from .metrics import AgentMetrics, Counters, Outcome, attempt_outcome
 from .reports import Reporter
 
@@ -58,6 +59,8 @@ SHUTDOWN_GRACE = 30.0
 OFFLINE_TIMEOUT = 10.0
 RECONNECT_INTERVAL = 1.0
 """Seconds between reconnection attempts: results wait in memory meanwhile, so retry soon."""
+LOG_PRUNE_INTERVAL = 3600.0
+"""Seconds between sweeps of attempt logs past ``REXEC_LOG_RETENTION``."""
 
 
 class AgentError(Exception):
@@ -119,6 +122,8 @@ class Agent:
         hostname: str | None = None,
         pause_after: float = 1.0,
         return_after: float = 300.0,
+        signing_public_key: str = "",
+        mask: Mask | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -132,6 +137,13 @@ class Agent:
         self.pause_after = pause_after
         self.return_after = return_after
         self.keys = RedisKeys(settings.redis_prefix)
+        try:
+            self.logs: LogStore = open_store(settings)
+        except LogStoreError as exc:
+            raise AgentError(str(exc)) from None
+        self.signing_public_key = signing_public_key
+        """The orchestration plane's key, from registration: log grants are verified with it."""
+        self.mask = mask
         self.stats = AgentStats()
         self.metrics = AgentMetrics(self)
         self._reporter = Reporter(agent_id)
@@ -235,7 +247,7 @@ class Agent:
             logging.INFO,
             "health server listening",
             port=port,
-            paths=["/healthz", "/readyz", "/metrics"],
+            paths=["/healthz", "/readyz", "/metrics", "/logs/<task_id>/<attempt>"],
         )
         return server
 
@@ -292,9 +304,10 @@ class Agent:
             async with open_child_pool(
                 self.concurrency, self.settings.max_result_bytes
             ) as children:
-                self._executor = Executor(children, self._reporter)
+                self._executor = Executor(children, self._reporter, self.logs, self.mask)
                 async with anyio.create_task_group() as work:
                     work.start_soon(self._heartbeat.run)
+                    work.start_soon(self._prune_logs)
                     await self._emit(
                         messages.AgentOnline(
                             agent_id=self.agent_id,
@@ -324,6 +337,17 @@ class Agent:
             await self._go_offline()
         await self._heartbeat.stop()
         self._log(logging.INFO, "agent stopped", **_asdict(self.stats))
+
+    async def _prune_logs(self) -> None:
+        while True:
+            try:
+                removed = await anyio.to_thread.run_sync(self.logs.prune, time.time())
+            except Exception as exc:
+                self._log(logging.WARNING, "could not prune old task logs", error=repr(exc))
+            else:
+                if removed:
+                    self._log(logging.INFO, "pruned old task logs", removed=removed)
+            await anyio.sleep(LOG_PRUNE_INTERVAL)
 
     async def _pool_queue(self, channel: AbstractChannel) -> AbstractQueue:
         name = names.pool_queue(self.pool)

@@ -2,21 +2,27 @@
 
 The agent keeps a few of these alive and sends them one call at a time over stdin/stdout, so
 a task costs a pipe round trip rather than a Python start-up. The agent kills a child to stop
-a task (timeout, cancel, lease lost) and starts a fresh one. The task's own prints go to
-stderr: the real stdout is kept private for frames.
+a task (timeout, cancel, lease lost) and starts a fresh one. The real stdout is kept private
+for frames. While a call runs, the task's stdout, stderr (file descriptors 1 and 2, so the
+output of subprocesses it starts too) and its ``logging`` records are captured and sent to the
+agent as ``Output`` frames ahead of the call's ``Outcome``; between calls they go to the
+agent's stderr as before.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import ctypes
 import importlib
 import inspect
+import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +34,10 @@ from . import protocol
 PR_SET_PDEATHSIG = 1
 
 _json = msgspec.json.Encoder()
+SYNC_MARK = b"\x00rexec-sync\x00"
+"""Written to fds 1 and 2 after a call: once a pump reads it, all the call's output is sent."""
+SYNC_TIMEOUT = 5.0
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 class TargetNotFound(Exception):
@@ -140,6 +150,104 @@ def _private_pipes() -> tuple[int, int]:
     return frames_in, frames_out
 
 
+class Capture:
+    """Pipes behind fds 1 and 2, pumped by threads into ``Output`` frames while a call runs.
+
+    Frames are written under one lock, so output and outcome never interleave mid-frame.
+    ``sync`` (after the call) writes a mark through each pipe and waits until both pumps
+    passed it: everything the call wrote before it has been framed by then.
+    """
+
+    def __init__(self, frames_out: int) -> None:
+        self._frames_out = frames_out
+        self._lock = threading.Lock()
+        self._passthrough = os.dup(2)  # the agent's stderr, for output between calls
+        self.active = False
+        self._synced = {"stdout": threading.Event(), "stderr": threading.Event()}
+        for fd, stream in ((1, "stdout"), (2, "stderr")):
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            threading.Thread(
+                target=self._pump, args=(read_end, stream), name=f"rexec-{stream}", daemon=True
+            ).start()
+        handler = _FrameHandler(self)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+    def send(self, stream: str, text: str) -> None:
+        if not text:
+            return
+        with self._lock:
+            if self.active:
+                _write_all(
+                    self._frames_out, protocol.frame(protocol.Output(stream=stream, text=text))
+                )
+            else:
+                with contextlib.suppress(OSError):
+                    _write_all(self._passthrough, text.encode(errors="replace"))
+
+    def send_outcome(self, outcome: protocol.Outcome) -> None:
+        with self._lock:
+            self.active = False
+            _write_all(self._frames_out, protocol.frame(outcome))
+
+    def sync(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        for event in self._synced.values():
+            event.clear()
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                _write_all(fd, SYNC_MARK)
+        for event in self._synced.values():
+            event.wait(SYNC_TIMEOUT)
+
+    def _pump(self, fd: int, stream: str) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            data = pending + chunk
+            while (index := data.find(SYNC_MARK)) >= 0:
+                self.send(stream, decoder.decode(data[:index], final=True))
+                data = data[index + len(SYNC_MARK) :]
+                self._synced[stream].set()
+            keep = _partial_mark(data)
+            self.send(stream, decoder.decode(data[: len(data) - keep]))
+            pending = data[len(data) - keep :]
+
+
+def _partial_mark(data: bytes) -> int:
+    """Length of the longest end of ``data`` that could begin a sync mark."""
+    for size in range(min(len(SYNC_MARK) - 1, len(data)), 0, -1):
+        if SYNC_MARK.startswith(data[-size:]):
+            return size
+    return 0
+
+
+class _FrameHandler(logging.Handler):
+    """The task's ``logging`` records, as the ``log`` stream of its attempt."""
+
+    def __init__(self, capture: Capture) -> None:
+        super().__init__(logging.NOTSET)
+        self._capture = capture
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._capture.send("log", self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 def _read_exactly(fd: int, size: int) -> bytes | None:
     chunks = bytearray()
     while len(chunks) < size:
@@ -157,7 +265,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def serve(frames_in: int, frames_out: int, runner: Runner) -> None:
+def serve(frames_in: int, capture: Capture, runner: Runner) -> None:
     while True:
         header = _read_exactly(frames_in, protocol.HEADER_BYTES)
         if header is None:
@@ -170,11 +278,10 @@ def serve(frames_in: int, frames_out: int, runner: Runner) -> None:
         except msgspec.DecodeError as exc:
             outcome = protocol.failure("BadCall", f"malformed call frame: {exc}", retryable=False)
         else:
+            capture.active = True
             outcome = runner.run(call)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        _write_all(frames_out, protocol.frame(outcome))
+            capture.sync()
+        capture.send_outcome(outcome)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent(options.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     frames_in, frames_out = _private_pipes()
-    serve(frames_in, frames_out, Runner(options.max_result_bytes))
+    serve(frames_in, Capture(frames_out), Runner(options.max_result_bytes))
     return 0
 
 

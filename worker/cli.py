@@ -95,6 +95,7 @@ async def _serve(settings: Settings, options: argparse.Namespace) -> None:
             concurrency=options.concurrency,
             version=messages.PROTOCOL_VERSION,
             allow=options.allow,
+            log_url=log_url(settings, hostname),
         ),
     )
     overrides: dict[str, object] = {"heartbeat_ttl": registered.heartbeat_ttl}
@@ -119,6 +120,7 @@ async def _serve(settings: Settings, options: argparse.Namespace) -> None:
         concurrency=options.concurrency,
         drain_timeout=options.drain_timeout,
         hostname=hostname,
+        signing_public_key=registered.signing_public_key,
     )
     failure: AgentError | None = None
     async with anyio.create_task_group() as tg:
@@ -130,6 +132,16 @@ async def _serve(settings: Settings, options: argparse.Namespace) -> None:
         tg.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+def log_url(settings: Settings, hostname: str) -> str:
+    """Where the CLI fetches this agent's task logs: ``REXEC_AGENT_LOG_URL``, else the health
+    port on this host; empty without a health port (then logs cannot be fetched)."""
+    if settings.agent_log_url:
+        return settings.agent_log_url.rstrip("/")
+    if settings.health_port:
+        return f"http://{hostname}:{settings.health_port}"
+    return ""
 
 
 async def _watch_signals(agent: Agent) -> None:

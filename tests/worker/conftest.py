@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -20,13 +21,14 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def agent_settings(amqp_url: str, redis_prefix: str) -> Settings:
+def agent_settings(amqp_url: str, redis_prefix: str, tmp_path: Path) -> Settings:
     return load_settings(
         {},
         amqp_url=amqp_url,
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,
         heartbeat_ttl=3.0,
+        log_dir=str(tmp_path / "task-logs"),
     )
 
 
