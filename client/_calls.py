@@ -16,6 +16,7 @@ from schemas.api import (
     API_PREFIX,
     AgentView,
     ErrorBody,
+    LogGrant,
     PoolCreate,
     PoolView,
     SubmitBatch,
@@ -118,6 +119,7 @@ _agents = _decoder(list[AgentView])
 _batch = _decoder(SubmitBatchResult)
 _wait_result = _decoder(WaitResult)
 _health = _decoder(dict[str, str])
+_log_grant = _decoder(LogGrant)
 
 
 def _v1(*segments: str) -> str:
@@ -170,6 +172,12 @@ def cancel(task_id: str) -> Call[TaskView]:
 
 def history(task_id: str) -> Call[list[TaskHistoryEntry]]:
     return Call("GET", _v1("tasks", task_id, "history"), _history)
+
+
+def log_grant(task_id: str, attempt: int | None) -> Call[LogGrant]:
+    return Call(
+        "POST", _v1("tasks", task_id, "log-grant"), _log_grant, params=_params(attempt=attempt)
+    )
 
 
 def create_pool(name: str, description: str) -> Call[PoolView]:

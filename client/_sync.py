@@ -11,6 +11,7 @@ import httpx
 
 from schemas.api import (
     AgentView,
+    LogGrant,
     PoolView,
     SubmitTask,
     TaskHistoryEntry,
@@ -136,6 +137,11 @@ class RexecClient:
 
     def history(self, task_id: str) -> list[TaskHistoryEntry]:
         return self._run(_calls.history(task_id))
+
+    def log_grant(self, task_id: str, attempt: int | None = None) -> LogGrant:
+        """Where an attempt's log is, and a short-lived grant to read it from its agent
+        (:func:`client.agentlog.stream_agent_log` does the reading)."""
+        return self._run(_calls.log_grant(task_id, attempt))
 
     # pools
 

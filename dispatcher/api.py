@@ -44,6 +44,7 @@ from schemas.api import (
     AgentRegistered,
     AgentView,
     ErrorBody,
+    LogGrant,
     PoolCreate,
     PoolView,
     SubmitBatch,
@@ -58,8 +59,8 @@ from schemas.api import (
     WaitTasks,
 )
 
+from . import logaccess, service
 from . import metrics as metrics_module
-from . import service
 from .runtime import Runtime
 
 log = logging.getLogger("rexec.api")
@@ -149,6 +150,19 @@ async def task_history(
 ) -> list[TaskHistoryEntry]:
     """The task's state transitions, oldest first."""
     return await service.history(rt, task_id)
+
+
+async def log_grant(
+    rt: NamedDependency[Runtime],
+    task_id: FromPath[str],
+    attempt: Annotated[
+        int | None,
+        QueryParameter(ge=1, description="The attempt (default: the latest that ran)"),
+    ] = None,
+) -> LogGrant:
+    """Where an attempt's log is (it stays on its agent) and a grant, valid for a minute, to
+    read it there: ``GET <log_url>/logs/<task_id>/<attempt>`` with ``Authorization: Bearer``."""
+    return await logaccess.log_grant(rt, task_id, attempt)
 
 
 async def create_pool(rt: NamedDependency[Runtime], data: JSONBody[PoolCreate]) -> PoolView:
@@ -346,6 +360,12 @@ def create_app(runtime: Runtime) -> Litestar:
             get("/tasks/{task_id:str}", tags=tags, responses=_ERRORS)(get_task),
             post("/tasks/{task_id:str}/cancel", status_code=HTTP_200_OK, tags=tags)(cancel_task),
             get("/tasks/{task_id:str}/history", tags=tags)(task_history),
+            post(
+                "/tasks/{task_id:str}/log-grant",
+                status_code=HTTP_200_OK,
+                tags=tags,
+                responses=_ERRORS,
+            )(log_grant),
             post("/pools", status_code=HTTP_201_CREATED, tags=["pools"])(create_pool),
             get("/pools", tags=["pools"])(list_pools),
             post("/pools/{name:str}/drain", status_code=HTTP_200_OK, tags=["pools"])(drain_pool),

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from schemas import messages, names
 from schemas.names import RedisKeys
 from schemas.settings import Settings
+from schemas.signing import Signer, generate_private_key
 
 from . import topology
 from .db.engine import make_engine, make_sessionmaker
@@ -41,6 +42,9 @@ class Runtime:
     relay_wakeup: anyio.Event = field(default_factory=anyio.Event)
     events_applied: anyio.Event = field(default_factory=anyio.Event)
     """Set (and replaced) each time the events consumer commits: long-polls wait on it."""
+    # Interim (task logs): the orchestration plane's signing key, REXEC_SIGNING_KEY or one made
+    # at start and kept in memory. The lead replaces this with persistent key storage.
+    signer: Signer = field(default_factory=lambda: Signer(generate_private_key()))
 
     def wake_relay(self) -> None:
         self.relay_wakeup.set()
@@ -95,6 +99,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
             keys=RedisKeys(settings.redis_prefix),
             connection=connection,
             channel=channel,
+            signer=Signer(settings.signing_key or generate_private_key()),
         )
     finally:
         await connection.close()

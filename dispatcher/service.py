@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -129,6 +130,8 @@ def task_view(task: Task) -> TaskView:
         started_at=task.started_at,
         finished_at=task.finished_at,
         cancel_requested=task.cancel_requested,
+        log_tail=task.log_tail or "",
+        log_ref=task.log_ref or "",
     )
 
 
@@ -667,6 +670,19 @@ async def authenticate_agent(session: AsyncSession, authorization: str | None) -
     return token
 
 
+def _check_log_url(url: str) -> str | None:
+    """An agent's announced log URL: ``http(s)://host[:port][/path]``, or none."""
+    if not url:
+        return None
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or len(url) > 1000:
+        raise Invalid(
+            f"the agent's log URL {url[:200]!r} is not an http(s) URL: "
+            "fix REXEC_AGENT_LOG_URL (or unset it to use the health port)"
+        )
+    return url.rstrip("/")
+
+
 def agent_id_for(hostname: str) -> str:
     """``<sanitised hostname>-<8 hex>``: readable in RabbitMQ's queue list, and unique."""
     base = re.sub(r"[^a-z0-9-]+", "-", hostname.lower()).strip("-")[:40].strip("-")
@@ -687,6 +703,7 @@ async def register_agent(
         raise Conflict(
             f"this token belongs to pool {token.pool} but the agent asked for pool {body.pool}"
         )
+    log_url = _check_log_url(body.log_url)
     agent_id = agent_id_for(body.hostname)
     await rt.declare_agent_queue(agent_id)
     now = time.time()
@@ -703,6 +720,7 @@ async def register_agent(
                 state="online",
                 registered_at=now,
                 last_seen_at=now,
+                log_url=log_url,
             )
         )
         stored = await session.get(Token, token.id)
@@ -717,6 +735,7 @@ async def register_agent(
         pool=body.pool,
         heartbeat_ttl=rt.settings.heartbeat_ttl,
         protocol_version=messages.PROTOCOL_VERSION,
+        signing_public_key=rt.signer.public_key,
     )
 
 
@@ -773,6 +792,7 @@ async def list_agents(rt: Runtime, *, pool: str | None = None) -> list[AgentView
                 last_seen_at=agent.last_seen_at,
                 heartbeat_age=age,
                 running=running,
+                log_url=agent.log_url or "",
             )
         )
     return views
