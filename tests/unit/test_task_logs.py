@@ -99,7 +99,7 @@ def test_a_grant_is_checked_for_signature_expiry_and_exactly_the_attempt() -> No
         loggrant.verify(verifier, grant, **ok, now=100.0)  # type: ignore[arg-type]
     with pytest.raises(loggrant.GrantError, match="not task t1 attempt 1"):
         loggrant.verify(verifier, grant, task_id="t1", attempt=1, agent_id="a", now=0)
-    with pytest.raises(loggrant.GrantError, match="on agent a, not .* on agent b"):
+    with pytest.raises(loggrant.GrantError, match=r"on agent a, not .* on agent b"):
         loggrant.verify(verifier, grant, task_id="t1", attempt=2, agent_id="b", now=0)
     forged = loggrant.issue(Signer(generate_private_key()), claims)
     with pytest.raises(loggrant.GrantError, match="bad signature"):
@@ -123,3 +123,18 @@ def test_terminal_events_omit_empty_log_fields_and_old_events_still_decode() -> 
     logged = messages.TimedOut(**ids, timeout=1.0, log_tail="x\n", log_ref="dir:p/t/1.log")
     [back] = messages.decode_events(messages.encode(messages.EventBatch(events=[logged]))).events
     assert back == logged
+
+
+def test_object_storage_is_configured_clearly() -> None:
+    from worker.logstore import LogStoreError, S3LogStore
+
+    with pytest.raises(LogStoreError, match="s3://bucket/prefix"):
+        S3LogStore("bucket-without-scheme", 1000)
+    try:
+        import boto3  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+    except ImportError:
+        with pytest.raises(LogStoreError, match=r"pip install 'rexec\[s3\]'"):
+            S3LogStore("s3://logs/rexec", 1000)
+    else:  # pragma: no cover - only where the extra is installed
+        store = S3LogStore("s3://logs/rexec", 1000)
+        assert store.ref("p", "t1", 2) == "s3://logs/rexec/p/t1/2.log"
