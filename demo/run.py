@@ -78,6 +78,7 @@ def main() -> int:
         "REXEC_REDIS_PREFIX": "rexec-demo",
         "REXEC_API_PORT": str(API_PORT),
         "REXEC_API_URL": f"http://127.0.0.1:{API_PORT}",
+        "REXEC_LOG_DIR": str(WORKDIR / "task-logs"),
     }
     with processes() as started:
         console.print("[bold]rexec demo[/]: starting the dispatcher (rexec serve)")

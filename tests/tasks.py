@@ -78,3 +78,13 @@ def chatty(name: str, lines: int = 3) -> str:
 def chatty_fail(name: str) -> None:
     print(f"about to fail {name}")
     raise ValueError(f"failed {name}")
+
+
+def flood(lines: int) -> int:
+    """More output than a pipe holds, from Python and from a subprocess."""
+    import subprocess
+
+    for i in range(lines):
+        print(f"flood line {i:06d} " + "x" * 80)
+    subprocess.run(["sh", "-c", f"seq 1 {lines}"], check=True)
+    return lines

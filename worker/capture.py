@@ -65,8 +65,11 @@ class AttemptCapture:
             self._failed("cannot close the attempt's log", exc)
             return "", ""
         store, task = self._store, self.task
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(store.finish, task.pool, task.task_id, task.attempt)
+        if store.uploads:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(store.finish, task.pool, task.task_id, task.attempt)
+        else:
+            store.finish(task.pool, task.task_id, task.attempt)
         return tail, current.ref
 
     def _failed(self, what: str, exc: Exception) -> None:

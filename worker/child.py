@@ -20,6 +20,7 @@ import importlib
 import inspect
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -34,9 +35,6 @@ from . import protocol
 PR_SET_PDEATHSIG = 1
 
 _json = msgspec.json.Encoder()
-SYNC_MARK = b"\x00rexec-sync\x00"
-"""Written to fds 1 and 2 after a call: once a pump reads it, all the call's output is sent."""
-SYNC_TIMEOUT = 5.0
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
@@ -151,26 +149,30 @@ def _private_pipes() -> tuple[int, int]:
 
 
 class Capture:
-    """Pipes behind fds 1 and 2, pumped by threads into ``Output`` frames while a call runs.
+    """Pipes behind fds 1 and 2, pumped by a thread into ``Output`` frames while a call runs.
 
-    Frames are written under one lock, so output and outcome never interleave mid-frame.
-    ``sync`` (after the call) writes a mark through each pipe and waits until both pumps
-    passed it: everything the call wrote before it has been framed by then.
+    Frames are written under one lock, so output and outcome never interleave mid-frame. The
+    pump reads only while it holds the pump lock; ``sync`` (after the call) takes that lock and
+    drains what is left in the pipes itself, so the call's output is all framed before its
+    outcome, at the cost of two non-blocking reads.
     """
 
     def __init__(self, frames_out: int) -> None:
         self._frames_out = frames_out
         self._lock = threading.Lock()
+        self._pump_lock = threading.Lock()
         self._passthrough = os.dup(2)  # the agent's stderr, for output between calls
         self.active = False
-        self._synced = {"stdout": threading.Event(), "stderr": threading.Event()}
+        self._streams: dict[int, str] = {}
+        self._decoders: dict[int, codecs.IncrementalDecoder] = {}
         for fd, stream in ((1, "stdout"), (2, "stderr")):
             read_end, write_end = os.pipe()
             os.dup2(write_end, fd)
             os.close(write_end)
-            threading.Thread(
-                target=self._pump, args=(read_end, stream), name=f"rexec-{stream}", daemon=True
-            ).start()
+            os.set_blocking(read_end, False)
+            self._streams[read_end] = stream
+            self._decoders[read_end] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        threading.Thread(target=self._pump, name="rexec-output", daemon=True).start()
         handler = _FrameHandler(self)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root = logging.getLogger()
@@ -182,9 +184,8 @@ class Capture:
             return
         with self._lock:
             if self.active:
-                _write_all(
-                    self._frames_out, protocol.frame(protocol.Output(stream=stream, text=text))
-                )
+                frame = protocol.frame(protocol.Output(stream=stream, text=text))
+                _write_all(self._frames_out, frame)
             else:
                 with contextlib.suppress(OSError):
                     _write_all(self._passthrough, text.encode(errors="replace"))
@@ -195,43 +196,42 @@ class Capture:
             _write_all(self._frames_out, protocol.frame(outcome))
 
     def sync(self) -> None:
+        """Everything the call wrote so far is framed when this returns."""
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-        for event in self._synced.values():
-            event.clear()
-        for fd in (1, 2):
-            with contextlib.suppress(OSError):
-                _write_all(fd, SYNC_MARK)
-        for event in self._synced.values():
-            event.wait(SYNC_TIMEOUT)
+        with self._pump_lock:
+            for fd in self._streams:
+                self._drain(fd, final=True)
 
-    def _pump(self, fd: int, stream: str) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = b""
+    def _drain(self, fd: int, *, final: bool = False) -> bool:
+        """Frame what the pipe holds now (pump lock held); False once its write ends closed."""
+        decoder, stream = self._decoders[fd], self._streams[fd]
         while True:
             try:
                 chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            self.send(stream, decoder.decode(chunk))
+        if final:
+            self.send(stream, decoder.decode(b"", final=True))
+        return True
+
+    def _pump(self) -> None:
+        open_fds = list(self._streams)
+        while open_fds:
+            try:
+                ready, _, _ = select.select(open_fds, [], [])
             except OSError:
                 return
-            if not chunk:
-                return
-            data = pending + chunk
-            while (index := data.find(SYNC_MARK)) >= 0:
-                self.send(stream, decoder.decode(data[:index], final=True))
-                data = data[index + len(SYNC_MARK) :]
-                self._synced[stream].set()
-            keep = _partial_mark(data)
-            self.send(stream, decoder.decode(data[: len(data) - keep]))
-            pending = data[len(data) - keep :]
-
-
-def _partial_mark(data: bytes) -> int:
-    """Length of the longest end of ``data`` that could begin a sync mark."""
-    for size in range(min(len(SYNC_MARK) - 1, len(data)), 0, -1):
-        if SYNC_MARK.startswith(data[-size:]):
-            return size
-    return 0
+            with self._pump_lock:
+                for fd in ready:
+                    if not self._drain(fd):
+                        open_fds.remove(fd)
 
 
 class _FrameHandler(logging.Handler):

@@ -162,6 +162,9 @@ class LogStore(Protocol):
     """Where attempt logs live. ``open`` and ``read`` are quick local calls (``finish``, for
     object storage, uploads: the agent runs it in a worker thread)."""
 
+    uploads: bool
+    """``finish`` does blocking I/O (the agent then runs it in a worker thread)."""
+
     def ref(self, pool: str, task_id: str, attempt: int) -> str: ...
 
     def open(self, pool: str, task_id: str, attempt: int, mask: Mask | None) -> AttemptLog: ...
@@ -194,6 +197,7 @@ class DirLogStore:
     root: Path
     max_bytes: int
     retention: float
+    uploads = False
 
     def __post_init__(self) -> None:
         self._open: set[str] = set()
@@ -262,6 +266,8 @@ class S3LogStore:
     The running attempt is spooled to a local file (so it can be followed); ``finish`` uploads
     it and removes the spool. Retention is the bucket's lifecycle rule, not the agent's.
     """
+
+    uploads = True
 
     def __init__(self, url: str, max_bytes: int, client: Any = None) -> None:
         match = re.match(r"^s3://([^/]+)/?(.*)$", url)

@@ -100,3 +100,31 @@ async def test_a_log_past_its_cap_is_cut_and_says_so_and_masking_applies(
         assert "line-499" in event.log_tail and "hunter2" not in event.log_tail
         assert len(event.log_tail.encode()) <= 2048
         assert event.result["output"].endswith("line-499\n")
+
+
+async def test_more_output_than_a_pipe_holds_is_all_captured(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    async with running_agent(broker, agent_settings, pool, concurrency=1):
+        message = task(pool, "tests.tasks:flood", args=[5000])
+        await broker.publish(pool, message)
+        event = await broker.terminal(message.task_id, within=30)
+        assert isinstance(event, messages.Succeeded) and event.result == 5000
+        lines = read_log(agent_settings, event.log_ref)
+        printed = [t for s, t in lines if s == "stdout"]
+        assert len(printed) == 10000
+        assert printed[4999].startswith("flood line 004999 ") and printed[-1] == "5000"
+
+
+async def test_a_killed_attempt_keeps_its_output_and_says_why_it_ended(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    async with running_agent(broker, agent_settings, pool, allow=["sh"]):
+        message = task(pool, argv=["sh", "-c", "echo before; sleep 30"], timeout=0.5)
+        event = await broker.run(pool, message)
+        assert isinstance(event, messages.TimedOut)
+        lines = read_log(agent_settings, event.log_ref)
+        assert lines == [
+            ("stdout", "before"),
+            ("rexec", "attempt timed out after 0.5s and was killed"),
+        ]
