@@ -190,6 +190,12 @@ class Capture:
                 with contextlib.suppress(OSError):
                     _write_all(self._passthrough, text.encode(errors="replace"))
 
+    def begin(self) -> None:
+        """A call starts: output left over from between calls goes to the agent's stderr."""
+        self.sync()
+        with self._lock:
+            self.active = True
+
     def send_outcome(self, outcome: protocol.Outcome) -> None:
         with self._lock:
             self.active = False
@@ -278,7 +284,7 @@ def serve(frames_in: int, capture: Capture, runner: Runner) -> None:
         except msgspec.DecodeError as exc:
             outcome = protocol.failure("BadCall", f"malformed call frame: {exc}", retryable=False)
         else:
-            capture.active = True
+            capture.begin()
             outcome = runner.run(call)
             capture.sync()
         capture.send_outcome(outcome)
