@@ -366,16 +366,35 @@ def open_store(settings: Settings) -> LogStore:
     if settings.log_s3_url:
         return S3LogStore(settings.log_s3_url, settings.log_max_bytes)
     root = Path(settings.log_dir).expanduser()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+    problem = _unwritable(root)
+    if problem and settings.log_dir == DEFAULT_LOG_DIR:
+        # Not chosen by the operator (a read-only working directory, as in the Helm chart):
+        # the temporary directory, which such containers mount writable, rather than no agent.
+        fallback = Path(tempfile.gettempdir()) / DEFAULT_LOG_DIR
+        if not _unwritable(fallback):
+            log.warning(
+                "task log directory not writable; using the temporary directory instead "
+                "(set REXEC_LOG_DIR to choose)",
+                extra={"wanted": str(root), "problem": problem, "log_dir": str(fallback)},
+            )
+            root, problem = fallback, ""
+    if problem:
         raise LogStoreError(
-            f"cannot create the task log directory {str(root)!r} ({exc.strerror or exc}): "
-            "set REXEC_LOG_DIR to a writable directory"
-        ) from None
-    if not os.access(root, os.W_OK):
-        raise LogStoreError(
-            f"the task log directory {str(root)!r} is not writable: "
+            f"cannot use the task log directory {str(root)!r} ({problem}): "
             "set REXEC_LOG_DIR to a writable directory"
         )
     return DirLogStore(root.resolve(), settings.log_max_bytes, settings.log_retention)
+
+
+DEFAULT_LOG_DIR = Settings().log_dir
+
+
+def _unwritable(root: Path) -> str:
+    """Why the agent cannot keep logs in ``root`` (empty: it can)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    if not os.access(root, os.W_OK):
+        return "not writable"
+    return ""

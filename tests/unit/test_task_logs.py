@@ -138,3 +138,23 @@ def test_object_storage_is_configured_clearly() -> None:
     else:  # pragma: no cover - only where the extra is installed
         store = S3LogStore("s3://logs/rexec", 1000)
         assert store.ref("p", "t1", 2) == "s3://logs/rexec/p/t1/2.log"
+
+
+def test_an_unwritable_default_log_dir_falls_back_to_the_temporary_directory(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    from schemas.settings import load_settings
+    from worker.logstore import LogStoreError, open_store
+
+    readonly = Path(str(tmp_path)) / "ro"
+    readonly.mkdir()
+    (readonly / "rexec-logs").write_text("a file where the directory would go")
+    monkeypatch.chdir(readonly)
+    monkeypatch.setattr("tempfile.tempdir", str(Path(str(tmp_path)) / "tmp"))
+    store = open_store(load_settings({}))
+    assert isinstance(store, DirLogStore)
+    assert store.root == Path(str(tmp_path)) / "tmp" / "rexec-logs"
+    with pytest.raises(LogStoreError, match="set REXEC_LOG_DIR to a writable directory"):
+        open_store(load_settings({}, log_dir=str(readonly / "rexec-logs" / "x")))
