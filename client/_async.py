@@ -15,6 +15,7 @@ from schemas.api import (
     ApiKeyCreated,
     ApiKeyView,
     AuditEntry,
+    LogGrant,
     PoolView,
     Principal,
     Role,
@@ -153,6 +154,11 @@ class AsyncRexecClient:
 
     async def history(self, task_id: str) -> list[TaskHistoryEntry]:
         return await self._run(_calls.history(task_id))
+
+    async def log_grant(self, task_id: str, attempt: int | None = None) -> LogGrant:
+        """Where an attempt's log is, and a short-lived grant to read it from its agent
+        (:func:`client.agentlog.stream_agent_log` does the reading)."""
+        return await self._run(_calls.log_grant(task_id, attempt))
 
     # pools
 

@@ -21,6 +21,7 @@ from schemas.api import (
     ApiKeyView,
     AuditEntry,
     ErrorBody,
+    LogGrant,
     PoolCreate,
     PoolUpdate,
     PoolView,
@@ -140,6 +141,9 @@ def _text(body: bytes) -> str:
     return body.decode("utf-8", errors="replace")
 
 
+_log_grant = _decoder(LogGrant)
+
+
 def _v1(*segments: str) -> str:
     """An API path; segments from the user (ids, names) are escaped."""
     return API_PREFIX + "".join("/" + quote(s, safe="") for s in segments)
@@ -190,6 +194,12 @@ def cancel(task_id: str) -> Call[TaskView]:
 
 def history(task_id: str) -> Call[list[TaskHistoryEntry]]:
     return Call("GET", _v1("tasks", task_id, "history"), _history)
+
+
+def log_grant(task_id: str, attempt: int | None) -> Call[LogGrant]:
+    return Call(
+        "POST", _v1("tasks", task_id, "log-grant"), _log_grant, params=_params(attempt=attempt)
+    )
 
 
 def create_pool(name: str, description: str, max_running: int | None = None) -> Call[PoolView]:

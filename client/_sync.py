@@ -14,6 +14,7 @@ from schemas.api import (
     ApiKeyCreated,
     ApiKeyView,
     AuditEntry,
+    LogGrant,
     PoolView,
     Principal,
     Role,
@@ -143,6 +144,11 @@ class RexecClient:
 
     def history(self, task_id: str) -> list[TaskHistoryEntry]:
         return self._run(_calls.history(task_id))
+
+    def log_grant(self, task_id: str, attempt: int | None = None) -> LogGrant:
+        """Where an attempt's log is, and a short-lived grant to read it from its agent
+        (:func:`client.agentlog.stream_agent_log` does the reading)."""
+        return self._run(_calls.log_grant(task_id, attempt))
 
     # pools
 

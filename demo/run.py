@@ -81,6 +81,7 @@ def main() -> int:
         "REXEC_API_URL": f"http://127.0.0.1:{API_PORT}",
         # The bootstrap admin key of this demo's dispatcher (every API call needs a key).
         "REXEC_API_KEY": "rexec_demo_" + secrets.token_urlsafe(24),
+        "REXEC_LOG_DIR": str(WORKDIR / "task-logs"),
     }
     with processes() as started:
         console.print("[bold]rexec demo[/]: starting the dispatcher (rexec serve)")

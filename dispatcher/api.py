@@ -47,6 +47,7 @@ from schemas.api import (
     ApiKeyView,
     AuditEntry,
     ErrorBody,
+    LogGrant,
     PoolCreate,
     PoolUpdate,
     PoolView,
@@ -64,7 +65,7 @@ from schemas.api import (
     WaitTasks,
 )
 
-from . import apikeys, audit, auth, service
+from . import apikeys, audit, auth, logaccess, service
 from . import metrics as metrics_module
 from .ratelimit import RateLimited, SubmitLimiter
 from .runtime import Runtime
@@ -187,6 +188,19 @@ async def task_history(
     entries = await service.history(rt, task_id)
     async with rt.sessions() as session:
         return audit.merge_history(entries, await audit.cancel_entries(session, task_id))
+
+
+async def log_grant(
+    rt: NamedDependency[Runtime],
+    task_id: FromPath[str],
+    attempt: Annotated[
+        int | None,
+        QueryParameter(ge=1, description="The attempt (default: the latest that ran)"),
+    ] = None,
+) -> LogGrant:
+    """Where an attempt's log is (it stays on its agent) and a grant, valid for a minute, to
+    read it there: ``GET <log_url>/logs/<task_id>/<attempt>`` with ``Authorization: Bearer``."""
+    return await logaccess.log_grant(rt, task_id, attempt)
 
 
 async def create_pool(
@@ -490,6 +504,12 @@ def create_app(runtime: Runtime) -> Litestar:
                 **_guarded(submitter, responses=_ERRORS_404),
             )(cancel_task),
             get("/tasks/{task_id:str}/history", tags=tasks, **_guarded(viewer))(task_history),
+            post(
+                "/tasks/{task_id:str}/log-grant",
+                status_code=HTTP_200_OK,
+                tags=tasks,
+                **_guarded(submitter, responses=_ERRORS_404),
+            )(log_grant),
             post("/pools", status_code=HTTP_201_CREATED, tags=pools, **_guarded(admin))(
                 create_pool
             ),

@@ -21,6 +21,7 @@ from rich.live import Live
 
 from client import RexecClient, RexecError
 from client import _credentials as credentials
+from client.agentlog import AgentLogUnavailable, stream_agent_log
 from schemas import tls
 from schemas.api import Role, TaskState
 from schemas.settings import load_settings
@@ -391,6 +392,41 @@ def cmd_events(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+def cmd_logs(args: argparse.Namespace, ctx: Context) -> int:
+    """The whole log, read from the agent that keeps it; else the stored tail and why not."""
+    grant = ctx.client.log_grant(args.id, args.attempt)
+    out = sys.stdout.buffer
+
+    def write(chunk: bytes) -> None:
+        out.write(chunk)
+        out.flush()
+
+    try:
+        stream_agent_log(grant, write, follow=args.follow)
+        return 0
+    except AgentLogUnavailable as exc:
+        why = str(exc)
+    if grant.log_tail:
+        sys.stdout.write(grant.log_tail)
+        sys.stdout.flush()
+    where = f" at {grant.log_ref}" if grant.log_ref else ""
+    shown = (
+        "above: the last lines the dispatcher keeps"
+        if grant.log_tail
+        else "the dispatcher keeps no tail of it"
+        + (" yet: the attempt is still running" if grant.running else "")
+    )
+    ctx.err.print(
+        f"rexec: the full log of task {grant.task_id} attempt {grant.attempt} lives on agent "
+        f"{grant.agent_id} ({grant.agent_state}){where} and could not be fetched: {why}. "
+        f"Shown {shown}.",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    return 1
+
+
 def cmd_top(args: argparse.Namespace, ctx: Context) -> int:
     client = ctx.client
     rates = top.Rates()
@@ -589,6 +625,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(commands, "events", cmd_events, "a task's state history", [json_flag])
     p.add_argument("id", metavar="ID")
+
+    p = command(
+        commands,
+        "logs",
+        cmd_logs,
+        "a task's log, fetched from the agent that keeps it (else its stored tail)",
+    )
+    p.add_argument("id", metavar="ID")
+    p.add_argument(
+        "--attempt", type=positive_int, metavar="N", help="this attempt (default: the latest)"
+    )
+    p.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing while the attempt runs"
+    )
 
     p = command(
         commands,

@@ -313,6 +313,10 @@ def task_detail(task: TaskView) -> Table:
         )
         if task.error.get("traceback"):
             rows.append(("traceback", str(task.error["traceback"]).rstrip()))
+    if task.log_ref:
+        rows.append(("log", f"{task.log_ref} (on its agent: `rexec logs {task.id}`)"))
+    if task.log_tail:
+        rows.append(("log tail", Text(task.log_tail.rstrip("\n"))))
     for name, value in rows:
         grid.add_row(name, value)
     return grid

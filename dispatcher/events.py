@@ -232,7 +232,13 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
                     }
                 ).decode()
             transitions.apply(
-                session, task, decision, now, result_json=result_json, error_json=error_json
+                session,
+                task,
+                decision,
+                now,
+                result_json=result_json,
+                error_json=error_json,
+                event=event,
             )
             _observe(rt, task, decision, event.at)
             if tracing.active():

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -133,6 +134,8 @@ def task_view(task: Task) -> TaskView:
         started_at=task.started_at,
         finished_at=task.finished_at,
         cancel_requested=task.cancel_requested,
+        log_tail=task.log_tail or "",
+        log_ref=task.log_ref or "",
     )
 
 
@@ -701,6 +704,19 @@ async def authenticate_agent(session: AsyncSession, authorization: str | None) -
     return token
 
 
+def _check_log_url(url: str) -> str | None:
+    """An agent's announced log URL: ``http(s)://host[:port][/path]``, or none."""
+    if not url:
+        return None
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or len(url) > 1000:
+        raise Invalid(
+            f"the agent's log URL {url[:200]!r} is not an http(s) URL: "
+            "fix REXEC_AGENT_LOG_URL (or unset it to use the health port)"
+        )
+    return url.rstrip("/")
+
+
 def agent_id_for(hostname: str) -> str:
     """``<sanitised hostname>-<8 hex>``: readable in RabbitMQ's queue list, and unique."""
     base = re.sub(r"[^a-z0-9-]+", "-", hostname.lower()).strip("-")[:40].strip("-")
@@ -732,6 +748,7 @@ async def register_agent(
         raise Conflict(
             f"this token belongs to pool {token.pool} but the agent asked for pool {body.pool}"
         )
+    log_url = _check_log_url(body.log_url)
     now = time.time()
     agent = Agent(
         id=agent_id_for(body.hostname),
@@ -745,6 +762,7 @@ async def register_agent(
         state="online",
         registered_at=now,
         last_seen_at=now,
+        log_url=log_url,
     )
     await rt.declare_agent_queue(agent.id)
     scoped = None
@@ -842,6 +860,7 @@ async def list_agents(rt: Runtime, *, pool: str | None = None) -> list[AgentView
                 last_seen_at=agent.last_seen_at,
                 heartbeat_age=age,
                 running=running,
+                log_url=agent.log_url or "",
             )
         )
     return views

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from schemas import messages
 from schemas.api import TaskState
 
-from .db.models import Outbox, Task, TaskTransition
+from .db.models import Outbox, Task, TaskLog, TaskTransition
 from .statemachine import Snapshot, Transition
 
 
@@ -29,12 +30,17 @@ def apply(
     *,
     result_json: str | None = None,
     error_json: str | None = None,
+    event: messages.TaskEvent | None = None,
 ) -> None:
     """Apply ``transition`` to ``task`` inside the caller's transaction.
 
     A retry bumps the attempt and adds an outbox row due after the backoff, so the relay
-    publishes the next attempt only once this transaction commits.
+    publishes the next attempt only once this transaction commits. The ``event`` that caused
+    the transition, when it ended an attempt that ran, leaves that attempt's log location and
+    tail (the log itself stays on the agent).
     """
+    if isinstance(event, messages.LOGGED_EVENTS) and event.log_ref:
+        record_log(session, task, event, now)
     session.add(
         TaskTransition(
             task_id=task.id,
@@ -63,3 +69,23 @@ def apply(
             task.result_json = result_json
         if error_json is not None:
             task.error_json = error_json
+
+
+def record_log(
+    session: AsyncSession,
+    task: Task,
+    event: messages.Succeeded | messages.Failed | messages.TimedOut | messages.Cancelled,
+    now: float,
+) -> None:
+    session.add(
+        TaskLog(
+            task_id=task.id,
+            attempt=event.attempt,
+            agent_id=event.agent_id,
+            log_ref=event.log_ref,
+            log_tail=event.log_tail,
+            at=now,
+        )
+    )
+    task.log_ref = event.log_ref
+    task.log_tail = event.log_tail

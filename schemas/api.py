@@ -76,6 +76,10 @@ class TaskView(msgspec.Struct, kw_only=True):
     started_at: float | None
     finished_at: float | None
     cancel_requested: bool = False
+    log_tail: str = ""
+    """The last lines of the latest reported attempt's log; the whole log stays on the agent."""
+    log_ref: str = ""
+    """Where that agent keeps the whole log (``rexec logs ID`` fetches it through the agent)."""
 
 
 class SubmitBatchResult(msgspec.Struct, kw_only=True):
@@ -139,9 +143,10 @@ class AgentView(msgspec.Struct, kw_only=True):
     last_seen_at: float | None
     heartbeat_age: float | None
     running: int = 0
+    log_url: str = ""
 
 
-class AgentRegister(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class AgentRegister(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     pool: str
     hostname: str
     pid: int
@@ -151,6 +156,8 @@ class AgentRegister(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     protocol_minor: int = 0
     """Its minor version: the dispatcher accepts agents up to one minor version behind."""
     allow: list[str] = []
+    log_url: str = ""
+    """Where the CLI reaches this agent's task logs (``GET <log_url>/logs/<task>/<attempt>``)."""
 
 
 class ScopedCredentials(msgspec.Struct, kw_only=True):
@@ -172,6 +179,25 @@ class AgentRegistered(msgspec.Struct, kw_only=True):
     """Set when the orchestration plane issues scoped credentials (the default)."""
     signing_public_keys: list[str] = []
     """Public keys of the orchestration plane: the agent runs only tasks signed by one."""
+
+
+class LogGrant(msgspec.Struct, kw_only=True):
+    """Permission to read one attempt's log from the agent that ran it, and where to find it."""
+
+    task_id: str
+    attempt: int
+    agent_id: str
+    agent_state: str
+    """The agent's row state (``online``, ``offline``, ``lost``) when the grant was issued."""
+    log_url: str
+    """The agent's log server; empty when it announced none (no health port)."""
+    log_ref: str
+    """Where the agent keeps the log (empty while the attempt runs: not reported yet)."""
+    log_tail: str
+    grant: str
+    """Send as ``Authorization: Bearer <grant>`` to ``<log_url>/logs/<task_id>/<attempt>``."""
+    expires_at: float
+    running: bool = False
 
 
 class TokenCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

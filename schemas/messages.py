@@ -60,26 +60,35 @@ class _Event(
     at: float
 
 
+class _Ended(_Event, frozen=True, kw_only=True, omit_defaults=True):
+    """An attempt that ran: its log stays on the agent; the event carries a tail and where."""
+
+    log_tail: str = ""
+    """The last lines of the attempt's log (about 20 lines, at most 2 KiB)."""
+    log_ref: str = ""
+    """Where the agent keeps the whole log, e.g. ``dir:<pool>/<task_id>/<attempt>.log``."""
+
+
 class Started(_Event, frozen=True, tag="started"):
     pass
 
 
-class Succeeded(_Event, frozen=True, tag="succeeded"):
+class Succeeded(_Ended, frozen=True, kw_only=True, tag="succeeded"):
     result: Any = None
 
 
-class Failed(_Event, frozen=True, tag="failed"):
+class Failed(_Ended, frozen=True, kw_only=True, tag="failed"):
     error_type: str
     message: str
     traceback: str = ""
     retryable: bool = True
 
 
-class TimedOut(_Event, frozen=True, tag="timed_out"):
+class TimedOut(_Ended, frozen=True, kw_only=True, tag="timed_out"):
     timeout: float
 
 
-class Cancelled(_Event, frozen=True, tag="cancelled"):
+class Cancelled(_Ended, frozen=True, kw_only=True, tag="cancelled"):
     pass
 
 
@@ -120,6 +129,8 @@ class AgentOffline(
 TaskEvent = Started | Succeeded | Failed | TimedOut | Cancelled | Expired
 Event = TaskEvent | AgentOnline | AgentOffline
 TERMINAL_EVENTS = (Succeeded, Failed, TimedOut, Cancelled, Expired)
+LOGGED_EVENTS = (Succeeded, Failed, TimedOut, Cancelled)
+"""Terminal events of an attempt that ran: they carry ``log_tail`` and ``log_ref``."""
 
 
 class EventBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -66,6 +66,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     signing_public_keys: str = ""
     """On an agent: the public keys it accepts. Empty: the ones announced at registration;
     set, they are pinned and registration cannot change them."""
+    # -- task logs (the agent keeps them; the dispatcher keeps only a tail and the location) --
+    log_dir: str = "rexec-logs"
+    """Where the agent writes each attempt's log: ``<log_dir>/<pool>/<task_id>/<attempt>.log``."""
+    log_s3_url: str = ""
+    """``s3://bucket/prefix``: keep attempt logs in object storage instead (``pip install
+    'rexec[s3]'``; credentials and endpoint from the standard ``AWS_*`` variables)."""
+    log_max_bytes: int = 10 * 1024 * 1024
+    """Bytes of one attempt's log; output past it is dropped and counted in a last line."""
+    log_retention: float = 7 * 86400.0
+    """Seconds the agent keeps attempt logs in ``log_dir`` (object storage: use a lifecycle rule)."""
+    agent_log_url: str = ""
+    """URL where the CLI reaches this agent's logs (its health port); default
+    ``http://<hostname>:<health_port>``."""
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -65,3 +65,34 @@ def touch(path: str) -> None:
     """Leave a mark: a test asserts a forged task never got this far."""
     with open(path, "w") as handle:
         handle.write("ran")
+
+
+def chatty(name: str, lines: int = 3) -> str:
+    """Writes to stdout, stderr (also from a subprocess) and logging: a task log's raw material."""
+    import logging
+    import subprocess
+    import sys
+
+    for i in range(lines):
+        print(f"out {name} {i}")
+    print(f"err {name}", file=sys.stderr)
+    logging.getLogger("tests.chatty").info("logged %s", name)
+    logging.getLogger("tests.chatty").warning("warned %s", name)
+    subprocess.run(["sh", "-c", f"echo sub-out {name}; echo sub-err {name} >&2"], check=True)
+    print("no newline at the end", end="")
+    return name
+
+
+def chatty_fail(name: str) -> None:
+    print(f"about to fail {name}")
+    raise ValueError(f"failed {name}")
+
+
+def flood(lines: int) -> int:
+    """More output than a pipe holds, from Python and from a subprocess."""
+    import subprocess
+
+    for i in range(lines):
+        print(f"flood line {i:06d} " + "x" * 80)
+    subprocess.run(["sh", "-c", f"seq 1 {lines}"], check=True)
+    return lines

@@ -50,6 +50,7 @@ from .health import HealthServer
 from .heartbeat import Heartbeat
 from .intake import Intake, Slot, requeue
 from .leases import Claim, ClaimResult, LeaseStore, LostLease, OwnClaims
+from .logstore import LogStore, LogStoreError, Mask, open_store
 from .metrics import AgentMetrics, Counters, Outcome, attempt_outcome
 from .reports import Reporter
 
@@ -61,6 +62,8 @@ SHUTDOWN_GRACE = 30.0
 OFFLINE_TIMEOUT = 10.0
 RECONNECT_INTERVAL = 1.0
 """Seconds between reconnection attempts: results wait in memory meanwhile, so retry soon."""
+LOG_PRUNE_INTERVAL = 3600.0
+"""Seconds between sweeps of attempt logs past ``REXEC_LOG_RETENTION``."""
 
 
 class AgentError(Exception):
@@ -122,6 +125,7 @@ class Agent:
         hostname: str | None = None,
         pause_after: float = 1.0,
         return_after: float = 300.0,
+        mask: Mask | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -135,8 +139,13 @@ class Agent:
         self.pause_after = pause_after
         self.return_after = return_after
         self.keys = RedisKeys(settings.redis_prefix)
-        self._verifier = _verifier(settings)
+        self.verifier = _verifier(settings)
         self.broker_user = broker_user(settings.amqp_url)
+        try:
+            self.logs: LogStore = open_store(settings)
+        except LogStoreError as exc:
+            raise AgentError(str(exc)) from None
+        self.mask = mask
         self.stats = AgentStats()
         self.metrics = AgentMetrics(self)
         self._reporter = Reporter(agent_id)
@@ -246,7 +255,7 @@ class Agent:
             logging.INFO,
             "health server listening",
             port=port,
-            paths=["/healthz", "/readyz", "/metrics"],
+            paths=["/healthz", "/readyz", "/metrics", "/logs/<task_id>/<attempt>"],
         )
         return server
 
@@ -318,9 +327,10 @@ class Agent:
             async with open_child_pool(
                 self.concurrency, self.settings.max_result_bytes
             ) as children:
-                self._executor = Executor(children, self._reporter)
+                self._executor = Executor(children, self._reporter, self.logs, self.mask)
                 async with anyio.create_task_group() as work:
                     work.start_soon(self._heartbeat.run)
+                    work.start_soon(self._prune_logs)
                     await self._emit(
                         messages.AgentOnline(
                             agent_id=self.agent_id,
@@ -348,6 +358,17 @@ class Agent:
                     await self._drain()
                     work.cancel_scope.cancel()
             await self._go_offline()
+
+    async def _prune_logs(self) -> None:
+        while True:
+            try:
+                removed = await anyio.to_thread.run_sync(self.logs.prune, time.time())
+            except Exception as exc:
+                self._log(logging.WARNING, "could not prune old task logs", error=repr(exc))
+            else:
+                if removed:
+                    self._log(logging.INFO, "pruned old task logs", removed=removed)
+            await anyio.sleep(LOG_PRUNE_INTERVAL)
 
     async def _pool_queue(self, channel: AbstractChannel) -> AbstractQueue:
         name = names.pool_queue(self.pool)
@@ -475,7 +496,7 @@ class Agent:
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         self.stats.received += 1
         try:
-            self._verifier.verify(
+            self.verifier.verify(
                 message.body, (message.headers or {}).get(signing.SIGNATURE_HEADER)
             )
         except signing.SignatureError as exc:

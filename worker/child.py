@@ -2,21 +2,28 @@
 
 The agent keeps a few of these alive and sends them one call at a time over stdin/stdout, so
 a task costs a pipe round trip rather than a Python start-up. The agent kills a child to stop
-a task (timeout, cancel, lease lost) and starts a fresh one. The task's own prints go to
-stderr: the real stdout is kept private for frames.
+a task (timeout, cancel, lease lost) and starts a fresh one. The real stdout is kept private
+for frames. While a call runs, the task's stdout, stderr (file descriptors 1 and 2, so the
+output of subprocesses it starts too) and its ``logging`` records are captured and sent to the
+agent as ``Output`` frames ahead of the call's ``Outcome``; between calls they go to the
+agent's stderr as before.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import ctypes
 import importlib
 import inspect
+import logging
 import os
+import select
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +35,7 @@ from . import protocol
 PR_SET_PDEATHSIG = 1
 
 _json = msgspec.json.Encoder()
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 class TargetNotFound(Exception):
@@ -140,6 +148,112 @@ def _private_pipes() -> tuple[int, int]:
     return frames_in, frames_out
 
 
+class Capture:
+    """Pipes behind fds 1 and 2, pumped by a thread into ``Output`` frames while a call runs.
+
+    Frames are written under one lock, so output and outcome never interleave mid-frame. The
+    pump reads only while it holds the pump lock; ``sync`` (after the call) takes that lock and
+    drains what is left in the pipes itself, so the call's output is all framed before its
+    outcome, at the cost of two non-blocking reads.
+    """
+
+    def __init__(self, frames_out: int) -> None:
+        self._frames_out = frames_out
+        self._lock = threading.Lock()
+        self._pump_lock = threading.Lock()
+        self._passthrough = os.dup(2)  # the agent's stderr, for output between calls
+        self.active = False
+        self._streams: dict[int, str] = {}
+        self._decoders: dict[int, codecs.IncrementalDecoder] = {}
+        for fd, stream in ((1, "stdout"), (2, "stderr")):
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            os.set_blocking(read_end, False)
+            self._streams[read_end] = stream
+            self._decoders[read_end] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        threading.Thread(target=self._pump, name="rexec-output", daemon=True).start()
+        handler = _FrameHandler(self)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+    def send(self, stream: str, text: str) -> None:
+        if not text:
+            return
+        with self._lock:
+            if self.active:
+                frame = protocol.frame(protocol.Output(stream=stream, text=text))
+                _write_all(self._frames_out, frame)
+            else:
+                with contextlib.suppress(OSError):
+                    _write_all(self._passthrough, text.encode(errors="replace"))
+
+    def begin(self) -> None:
+        """A call starts: output left over from between calls goes to the agent's stderr."""
+        self.sync()
+        with self._lock:
+            self.active = True
+
+    def send_outcome(self, outcome: protocol.Outcome) -> None:
+        with self._lock:
+            self.active = False
+            _write_all(self._frames_out, protocol.frame(outcome))
+
+    def sync(self) -> None:
+        """Everything the call wrote so far is framed when this returns."""
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        with self._pump_lock:
+            for fd in self._streams:
+                self._drain(fd, final=True)
+
+    def _drain(self, fd: int, *, final: bool = False) -> bool:
+        """Frame what the pipe holds now (pump lock held); False once its write ends closed."""
+        decoder, stream = self._decoders[fd], self._streams[fd]
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            self.send(stream, decoder.decode(chunk))
+        if final:
+            self.send(stream, decoder.decode(b"", final=True))
+        return True
+
+    def _pump(self) -> None:
+        open_fds = list(self._streams)
+        while open_fds:
+            try:
+                ready, _, _ = select.select(open_fds, [], [])
+            except OSError:
+                return
+            with self._pump_lock:
+                for fd in ready:
+                    if not self._drain(fd):
+                        open_fds.remove(fd)
+
+
+class _FrameHandler(logging.Handler):
+    """The task's ``logging`` records, as the ``log`` stream of its attempt."""
+
+    def __init__(self, capture: Capture) -> None:
+        super().__init__(logging.NOTSET)
+        self._capture = capture
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._capture.send("log", self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
 def _read_exactly(fd: int, size: int) -> bytes | None:
     chunks = bytearray()
     while len(chunks) < size:
@@ -157,7 +271,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def serve(frames_in: int, frames_out: int, runner: Runner) -> None:
+def serve(frames_in: int, capture: Capture, runner: Runner) -> None:
     while True:
         header = _read_exactly(frames_in, protocol.HEADER_BYTES)
         if header is None:
@@ -170,11 +284,10 @@ def serve(frames_in: int, frames_out: int, runner: Runner) -> None:
         except msgspec.DecodeError as exc:
             outcome = protocol.failure("BadCall", f"malformed call frame: {exc}", retryable=False)
         else:
+            capture.begin()
             outcome = runner.run(call)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        _write_all(frames_out, protocol.frame(outcome))
+            capture.sync()
+        capture.send_outcome(outcome)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent(options.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     frames_in, frames_out = _private_pipes()
-    serve(frames_in, frames_out, Runner(options.max_result_bytes))
+    serve(frames_in, Capture(frames_out), Runner(options.max_result_bytes))
     return 0
 
 

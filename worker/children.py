@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -28,6 +28,9 @@ log = logging.getLogger("rexec.agent.children")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _RESPAWN_BACKOFF_MAX = 5.0
+
+Sink = Callable[[str, str], None]
+"""Receives a running call's output: ``(stream, text)``."""
 
 
 class ChildDied(Exception):
@@ -47,11 +50,20 @@ class Child:
     def pid(self) -> int:
         return self.process.pid
 
-    async def call(self, call: protocol.Call) -> protocol.Outcome:
+    async def call(self, call: protocol.Call, sink: Sink | None = None) -> protocol.Outcome:
+        """Send the call; pass its output frames to ``sink`` until its outcome arrives."""
         try:
             await self._stdin.send(protocol.frame(call))
-            header = await self._stdout.receive_exactly(protocol.HEADER_BYTES)
-            body = await self._stdout.receive_exactly(protocol.frame_length(header))
+            while True:
+                header = await self._stdout.receive_exactly(protocol.HEADER_BYTES)
+                body = await self._stdout.receive_exactly(protocol.frame_length(header))
+                frame = protocol.outcome_decoder.decode(body)
+                if isinstance(frame, protocol.Outcome):
+                    return frame
+                if sink is not None:
+                    sink(frame.stream, frame.text)
+                else:
+                    sys.stderr.write(frame.text)
         except (
             anyio.BrokenResourceError,
             anyio.ClosedResourceError,
@@ -60,7 +72,6 @@ class Child:
             OSError,
         ) as exc:
             raise ChildDied(str(exc) or type(exc).__name__) from None
-        return protocol.outcome_decoder.decode(body)
 
     def kill(self) -> None:
         """SIGKILL the child's process group now: no await, so it is safe while cancelled."""
@@ -139,7 +150,7 @@ class ChildPool:
             self._idle_send.send_nowait(child)
             return
 
-    async def call(self, call: protocol.Call) -> protocol.Outcome:
+    async def call(self, call: protocol.Call, sink: Sink | None = None) -> protocol.Outcome:
         """Run ``call`` in an idle child. On cancellation the child is killed and replaced."""
         child = await self._idle_receive.receive()
         while child.process.returncode is not None:  # died while idle (OOM killer, ...)
@@ -148,7 +159,7 @@ class ChildPool:
             child = await self._idle_receive.receive()
         healthy = False
         try:
-            outcome = await child.call(call)
+            outcome = await child.call(call, sink)
             healthy = True
             return outcome
         except ChildDied as exc:

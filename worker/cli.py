@@ -96,6 +96,7 @@ async def _serve(settings: Settings, options: argparse.Namespace) -> None:
             version=messages.PROTOCOL_VERSION,
             protocol_minor=messages.PROTOCOL_MINOR,
             allow=options.allow,
+            log_url=log_url(settings, hostname),
         ),
     )
     settings = registered_settings(settings, registered)
@@ -130,6 +131,16 @@ async def _serve(settings: Settings, options: argparse.Namespace) -> None:
         tg.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+def log_url(settings: Settings, hostname: str) -> str:
+    """Where the CLI fetches this agent's task logs: ``REXEC_AGENT_LOG_URL``, else the health
+    port on this host; empty without a health port (then logs cannot be fetched)."""
+    if settings.agent_log_url:
+        return settings.agent_log_url.rstrip("/")
+    if settings.health_port:
+        return f"http://{hostname}:{settings.health_port}"
+    return ""
 
 
 async def _watch_signals(agent: Agent) -> None:

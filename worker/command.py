@@ -1,17 +1,23 @@
 """Command tasks: run an argv in its own process group and keep the tail of its output.
 
+stdout and stderr are read from separate pipes, so the attempt's log (``sink``) can tell them
+apart; the result's ``output`` tail is both, in the order the chunks arrived.
+
 The process group lets the agent kill the command together with anything it started, which
 is what a timeout or a cancel must do.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 
 import anyio
+import anyio.abc
 import msgspec
 
 from . import protocol
@@ -22,14 +28,17 @@ OUTPUT_TAIL = protocol.TRACEBACK_TAIL
 _json = msgspec.json.Encoder()
 
 
-async def run_command(argv: list[str]) -> protocol.Outcome:
+Sink = Callable[[str, str], None]
+
+
+async def run_command(argv: list[str], sink: Sink | None = None) -> protocol.Outcome:
     """Run to completion; on cancellation (timeout, cancel) kill the whole group first."""
     try:
         process = await anyio.open_process(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE,
             start_new_session=True,
             env=task_environment(),
         )
@@ -41,12 +50,23 @@ async def run_command(argv: list[str]) -> protocol.Outcome:
         )
     tail = bytearray()
     finished = False
-    try:
-        assert process.stdout is not None
-        async for chunk in process.stdout:
-            tail += chunk
+
+    async def pump(stream: anyio.abc.ByteReceiveStream, name: str) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        async for chunk in stream:
+            tail.extend(chunk)
             if len(tail) > OUTPUT_TAIL:
                 del tail[: len(tail) - OUTPUT_TAIL]
+            if sink is not None:
+                sink(name, decoder.decode(chunk))
+        if sink is not None:
+            sink(name, decoder.decode(b"", final=True))
+
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump, process.stdout, "stdout")
+            tg.start_soon(pump, process.stderr, "stderr")
         code = await process.wait()
         finished = True
     finally:

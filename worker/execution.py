@@ -11,41 +11,64 @@ import logging
 import traceback
 
 import anyio
+import msgspec
 
 from schemas import messages
 
 from . import protocol
 from .attempts import Attempt, StopReason
-from .children import ChildDied, ChildPool
+from .capture import AttemptCapture, ending_note
+from .children import ChildDied, ChildPool, Sink
 from .command import run_command
+from .logstore import LogStore, Mask
 from .reports import Reporter
 
 log = logging.getLogger("rexec.agent.execution")
 
 
 class Executor:
-    def __init__(self, children: ChildPool, reporter: Reporter) -> None:
+    def __init__(
+        self,
+        children: ChildPool,
+        reporter: Reporter,
+        logs: LogStore | None = None,
+        mask: Mask | None = None,
+    ) -> None:
         self.children = children
         self.reporter = reporter
+        self.logs = logs
+        self.mask = mask
+        """Applied to every log line before it is written (secret masking)."""
 
     async def execute(self, attempt: Attempt) -> messages.TaskEvent | None:
         """The attempt's terminal event, or None when it is no longer ours to report."""
         task = attempt.task
         outcome: protocol.Outcome | None = None
-        with attempt.scope:
-            if task.timeout is not None:
-                attempt.scope.deadline = anyio.current_time() + task.timeout
-            outcome = await self._run(task)
-        if outcome is not None:
-            return self._from_outcome(task, outcome)
-        return self._from_stop(task, attempt.stop_reason)
+        event: messages.TaskEvent | None
+        capture = AttemptCapture(self.logs, task, self.mask)
+        try:
+            with attempt.scope:
+                if task.timeout is not None:
+                    attempt.scope.deadline = anyio.current_time() + task.timeout
+                outcome = await self._run(task, capture.sink)
+            if outcome is not None:
+                event = self._from_outcome(task, outcome)
+            else:
+                event = self._from_stop(task, attempt.stop_reason)
+            capture.note(ending_note(event))
+            log_tail, log_ref = await capture.finish()
+        finally:
+            capture.close_now()
+        if isinstance(event, messages.LOGGED_EVENTS) and log_ref:
+            event = msgspec.structs.replace(event, log_tail=log_tail, log_ref=log_ref)
+        return event
 
-    async def _run(self, task: messages.TaskMessage) -> protocol.Outcome:
+    async def _run(self, task: messages.TaskMessage, sink: Sink) -> protocol.Outcome:
         try:
             if task.kind == "command":
-                return await run_command(task.argv)
+                return await run_command(task.argv, sink)
             return await self.children.call(
-                protocol.Call(target=task.target, args=task.args, kwargs=task.kwargs)
+                protocol.Call(target=task.target, args=task.args, kwargs=task.kwargs), sink
             )
         except ChildDied as exc:
             self._log(logging.ERROR, "child process died", task, error=str(exc))

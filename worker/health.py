@@ -6,6 +6,8 @@
   pool's queue; 503 with ``{"status": "unavailable", "reason": ...}`` otherwise (starting,
   draining, broker reconnecting, Redis unreachable, intake paused because every slot is busy).
 - ``GET /metrics``: the agent's Prometheus metrics (``worker.metrics``).
+- ``GET /logs/<task_id>/<attempt>``: one attempt's log, against a grant the orchestration plane
+  signed (``worker.logserver``).
 
 A tiny ASGI app served by uvicorn on the agent's own event loop. uvicorn's signal handling is
 turned off: SIGTERM belongs to the agent's drain.
@@ -24,6 +26,7 @@ import msgspec
 import uvicorn
 from anyio.abc import TaskStatus
 
+from . import logserver
 from .metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
@@ -59,9 +62,15 @@ class HealthApp:
             await self._status(send, method, self.agent.readiness())
         elif path == "/metrics":
             await _respond(send, 200, self.agent.metrics.render(), CONTENT_TYPE, method)
+        elif logserver.matches(path) and method == "GET":
+            await logserver.serve(self.agent, scope, receive, send)
         else:
             await _respond(
-                send, 404, b"not found: try /healthz, /readyz or /metrics\n", "text/plain", method
+                send,
+                404,
+                b"not found: try /healthz, /readyz, /metrics or /logs/<task_id>/<attempt>\n",
+                "text/plain",
+                method,
             )
 
     async def _status(self, send: Send, method: str, reason: str | None) -> None:

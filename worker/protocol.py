@@ -24,7 +24,7 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     kwargs: dict[str, Any] = {}
 
 
-class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag="outcome"):
     """How an attempt ended: a JSON result, or an error the dispatcher can act on."""
 
     ok: bool
@@ -33,6 +33,14 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     message: str = ""
     traceback: str = ""
     retryable: bool = True
+
+
+class Output(msgspec.Struct, frozen=True, kw_only=True, tag="output"):
+    """Output of the running call (``stdout``, ``stderr`` or ``log`` records), sent before its
+    ``Outcome`` on the same pipe, so the agent has all of it when the outcome arrives."""
+
+    stream: str
+    text: str
 
 
 def success(result_json: bytes) -> Outcome:
@@ -51,10 +59,10 @@ def failure(error_type: str, message: str, traceback: str = "", retryable: bool 
 
 _encoder = msgspec.json.Encoder()
 call_decoder = msgspec.json.Decoder(Call)
-outcome_decoder = msgspec.json.Decoder(Outcome)
+outcome_decoder = msgspec.json.Decoder(Outcome | Output)
 
 
-def frame(message: Call | Outcome) -> bytes:
+def frame(message: Call | Outcome | Output) -> bytes:
     body = _encoder.encode(message)
     return len(body).to_bytes(HEADER_BYTES, "big") + body
 

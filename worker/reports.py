@@ -33,6 +33,7 @@ class Reporter:
         *,
         retryable: bool,
         traceback: str = "",
+        **fields: Any,
     ) -> messages.Failed:
         return self.event(
             messages.Failed,
@@ -41,4 +42,5 @@ class Reporter:
             message=message,
             traceback=traceback,
             retryable=retryable,
+            **fields,
         )

@@ -103,6 +103,8 @@ class Agent(Base):
     redis_password_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """SHA-256 of the Redis password: enough to re-create the ACL user after Redis lost it."""
     credentials_withdrawn_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    log_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Where the agent serves its task logs (announced at registration)."""
 
 
 class Task(Base):
@@ -136,6 +138,22 @@ class Task(Base):
     created_at: Mapped[float] = mapped_column(Double)
     started_at: Mapped[float | None] = mapped_column(Double, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    log_ref: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Where the agent keeps the latest reported attempt's log (the log itself stays there)."""
+    log_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class TaskLog(Base):
+    """Per attempt that ran: which agent keeps its log, where, and its last lines."""
+
+    __tablename__ = "task_logs"
+
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(64))
+    log_ref: Mapped[str] = mapped_column(Text)
+    log_tail: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[float] = mapped_column(Double)
 
 
 class TaskTransition(Base):

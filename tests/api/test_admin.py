@@ -237,6 +237,7 @@ async def test_openapi_lists_every_route(api: httpx.AsyncClient) -> None:
         "/v1/tasks/{task_id}": {"get"},
         "/v1/tasks/{task_id}/cancel": {"post"},
         "/v1/tasks/{task_id}/history": {"get"},
+        "/v1/tasks/{task_id}/log-grant": {"post"},
         "/v1/pools": {"get", "post"},
         "/v1/pools/{name}": {"patch"},
         "/v1/pools/{name}/drain": {"post"},

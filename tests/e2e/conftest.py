@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class Plane:
     """One dispatcher process plus the agents a test starts; all stopped at teardown."""
 
-    def __init__(self, settings: Settings, logs: Path) -> None:
+    def __init__(
+        self, settings: Settings, logs: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         port = free_port()
         self.scheme = "https" if settings.api_tls_cert else "http"
         self.settings = Settings(
@@ -50,7 +52,13 @@ class Plane:
             }
         )
         self.logs = logs
-        self.env = settings_env(self.settings)
+        self.task_logs = logs / "task-logs"
+        """Where this plane's agents keep task logs (unless a test gives one its own)."""
+        self.env = {
+            **settings_env(self.settings),
+            "REXEC_LOG_DIR": str(self.task_logs),
+            **(env or {}),
+        }
         self.processes: list[Process] = []
         self.dispatcher = self.start_dispatcher()
         self.client = RexecClient(self.settings.api_url, ca_file=self.settings.ca_file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -21,7 +22,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def agent_settings(amqp_url: str, redis_prefix: str) -> Settings:
+def agent_settings(amqp_url: str, redis_prefix: str, tmp_path: Path) -> Settings:
     return load_settings(
         {},
         amqp_url=amqp_url,
@@ -29,6 +30,7 @@ def agent_settings(amqp_url: str, redis_prefix: str) -> Settings:
         redis_prefix=redis_prefix,
         heartbeat_ttl=3.0,
         signing_public_keys=SIGNER.public_key,
+        log_dir=str(tmp_path / "task-logs"),
     )
 
 

@@ -126,6 +126,7 @@ async def test_agent_process_registers_runs_and_drains_on_sigterm(
             "REXEC_REDIS_URL": agent_settings.redis_url,
             "REXEC_REDIS_PREFIX": agent_settings.redis_prefix,
             "REXEC_HEALTH_PORT": str(health_port := free_port()),
+            "REXEC_LOG_DIR": agent_settings.log_dir,
             "PYTHONPATH": str(REPO),
         }
         argv = [sys.executable, "-m", "worker.cli", "--pool", pool, "--concurrency", "2"]
