@@ -65,6 +65,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.redis.url }}{{ $_ := set $out "redis-url" .Values.redis.url }}{{ end }}
 {{- if .Values.management.url }}{{ $_ := set $out "management-url" .Values.management.url }}{{ end }}
 {{- if and .Values.apiKey.enabled .Values.apiKey.value }}{{ $_ := set $out "api-key" .Values.apiKey.value }}{{ end }}
+{{- if and .Values.signingKey.enabled .Values.signingKey.value }}{{ $_ := set $out "signing-key" .Values.signingKey.value }}{{ end }}
 {{- toJson $out }}
 {{- end }}
 
