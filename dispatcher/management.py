@@ -11,14 +11,10 @@ from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
+from schemas.amqp import vhost_of
 from schemas.settings import Settings
 
 log = logging.getLogger("rexec.management")
-
-
-def _vhost(amqp_url: str) -> str:
-    path = urlsplit(amqp_url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 async def close_agent_connections(settings: Settings, pool: str, agent_id: str, reason: str) -> int:
@@ -29,7 +25,7 @@ async def close_agent_connections(settings: Settings, pool: str, agent_id: str, 
     auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
     base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}"
     prefix = f"rexec-agent {pool}/{agent_id}@"
-    vhost = quote(_vhost(settings.amqp_url), safe="")
+    vhost = quote(vhost_of(settings.amqp_url), safe="")
     closed = 0
     try:
         async with httpx.AsyncClient(base_url=base, auth=auth, timeout=5.0) as api:

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from schemas import messages, names
+from schemas.amqp import connect_cluster
 from schemas.names import RedisKeys
 from schemas.settings import Settings
 
@@ -77,11 +78,8 @@ class Runtime:
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     engine = make_engine(settings.database_url)
     redis = Redis.from_url(settings.redis_url)
-    connection = await aio_pika.connect_robust(
-        settings.amqp_url,
-        client_properties={
-            "connection_name": names.dispatcher_connection_name(socket.gethostname())
-        },
+    connection = await connect_cluster(
+        settings.amqp_url, connection_name=names.dispatcher_connection_name(socket.gethostname())
     )
     try:
         # on_return_raises: a mandatory message the broker cannot route fails its publish.

@@ -29,9 +29,9 @@ from aio_pika.abc import (
 from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from yarl import URL
 
 from schemas import messages, names, tracing
+from schemas.amqp import connect_cluster
 from schemas.names import RedisKeys
 from schemas.settings import Settings
 
@@ -242,14 +242,12 @@ class Agent:
     async def _connect(self) -> AbstractRobustConnection:
         name = names.agent_connection_name(self.pool, self.agent_id, self.hostname)
         try:
-            return await aio_pika.connect_robust(
-                self.settings.amqp_url,
-                client_properties={"connection_name": name},
-                reconnect_interval=RECONNECT_INTERVAL,
+            return await connect_cluster(
+                self.settings.amqp_url, connection_name=name, reconnect_interval=RECONNECT_INTERVAL
             )
         except Exception as exc:
             raise AgentError(
-                f"cannot connect to RabbitMQ at {_safe_url(self.settings.amqp_url)}: {exc}; "
+                f"cannot connect to RabbitMQ: {exc}; "
                 "check REXEC_AMQP_URL and that the broker is running"
             ) from None
 
@@ -727,14 +725,6 @@ async def _first_of(events: Sequence[anyio.Event]) -> None:
 
 def _asdict(stats: AgentStats) -> dict[str, object]:
     return dict(stats.__dict__)
-
-
-def _safe_url(url: str) -> str:
-    try:
-        parsed = URL(url)
-    except ValueError:
-        return "(invalid URL)"
-    return str(parsed.with_password("***") if parsed.password else parsed)
 
 
 async def _close_quietly(closable: AbstractRobustConnection | AbstractChannel) -> None:

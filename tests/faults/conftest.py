@@ -17,7 +17,7 @@ from schemas.api import TaskState, TaskView
 from schemas.settings import Settings, load_settings
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import Plane, pytest_runtest_makereport  # noqa: F401  (logs on failure)
-from tests.faults.servers import PrivateRabbit, PrivateRedis
+from tests.faults.servers import PrivateCluster, PrivateRabbit, PrivateRedis
 
 FAST = {"heartbeat_ttl": 2.0, "watchdog_interval": 0.5}
 ALLOW = ["--allow", "tests.tasks:*", "--allow", "tests.faults.tasks:*"]
@@ -44,6 +44,17 @@ def private_rabbit(run_id: str) -> Iterator[PrivateRabbit]:
         yield rabbit
     finally:
         rabbit.cleanup()
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster(run_id: str) -> Iterator[PrivateCluster]:
+    """Three RabbitMQ nodes of this session's own in one cluster, for tests that lose a node."""
+    cluster = PrivateCluster(f"rexec-cluster-{run_id}")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture
