@@ -103,7 +103,11 @@ class TestClusterNodeLoss:
             )
             assert set(info["members"]) == everyone, f"{name} is not on every node: {info}"
         leader = queue(watcher, pool_queue)["leader"]
-        connected = wait_until(lambda: len(rexec_connections(watcher)) >= 3, 10, "3 connections")
+        connected = wait_until(
+            lambda: now if len(now := rexec_connections(watcher)) >= 3 else {},
+            10,
+            "the dispatcher's and both agents' connections",
+        )
         assert leader in connected.values(), f"no rexec client on the leader {leader}: {connected}"
 
         runs = tmp_path / "runs"
