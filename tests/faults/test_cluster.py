@@ -3,23 +3,30 @@
 Guide promise 1 (nothing lost, each task ends once) when the node that leads the pool's
 quorum queue crashes mid-run. Real ``rexec serve`` and ``rexec-agent`` processes, given every
 node in ``REXEC_AMQP_URL``, on a private three-node cluster (``servers.PrivateCluster``).
+First, ``schemas.amqp.connect_cluster`` itself: it passes over a node that is down, at the
+first connect and on a reconnect.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 import httpx
 import pytest
+from aio_pika import Message
+from yarl import URL
 
 from schemas import names
+from schemas.amqp import BrokerUnreachable, connect_cluster
 from schemas.api import TERMINAL_STATES, TaskState
 from schemas.settings import Settings, load_settings
-from tests.conftest import REDIS_URL
+from tests.conftest import MANAGEMENT_URL, REDIS_URL
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import FAST
 from tests.faults.servers import GUEST, PrivateCluster, PrivateRabbit
@@ -30,7 +37,63 @@ from tests.faults.workload import (
     states,
     submit_mix,
 )
-from tests.support import wait_until
+from tests.support import await_until, free_port, wait_until
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_first_connect_passes_over_a_node_that_is_down(amqp_url: str, vhost: str) -> None:
+    down = f"amqp://guest:secret@127.0.0.1:{free_port()}/{quote(vhost, safe='')}"
+    connection = await connect_cluster(f"{down},{amqp_url}", connection_name="rexec-test")
+    try:
+        assert connection.url == URL(amqp_url)
+    finally:
+        await connection.close()
+    with pytest.raises(BrokerUnreachable) as refused:
+        await connect_cluster(f"{down},{down}", connection_name="rexec-test")
+    assert str(refused.value).count("guest:***@127.0.0.1") == 2, refused.value
+    assert "secret" not in str(refused.value)
+
+
+@pytest.mark.anyio
+async def test_a_lost_connection_moves_on_past_a_node_that_is_down(
+    amqp_url: str, vhost: str
+) -> None:
+    """Its node drops the connection; the next node is down; the one after takes it, and the
+    channel and its queue come back with it."""
+    name = f"rexec-test-{uuid.uuid4().hex[:8]}"
+    down = f"amqp://guest:guest@127.0.0.1:{free_port()}/{quote(vhost, safe='')}"
+    connection = await connect_cluster(
+        f"{amqp_url},{down},{amqp_url}", connection_name=name, reconnect_interval=0.1
+    )
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        reconnected = anyio.Event()
+        connection.reconnect_callbacks.add(lambda *_: reconnected.set())
+        async with httpx.AsyncClient(base_url=MANAGEMENT_URL, auth=GUEST) as api:
+            found = await await_until(lambda: named_connection(api, name), 10, name)
+            await api.delete(f"/api/connections/{quote(found, safe='')}")
+        with anyio.fail_after(15):
+            await reconnected.wait()
+        assert connection.url == connection.nodes[2], "went on past the node that is down"
+        await channel.default_exchange.publish(Message(b"back"), routing_key=queue.name)
+        message = await await_until(lambda: queue.get(fail=False), 10, "the message")
+        assert message.body == b"back"
+    finally:
+        await connection.close()
+
+
+async def named_connection(api: httpx.AsyncClient, name: str) -> str:
+    response = await api.get("/api/connections")
+    for connection in response.json():
+        if connection.get("client_properties", {}).get("connection_name") == name:
+            return str(connection["name"])
+    return ""
 
 
 def queue(node: PrivateRabbit, name: str) -> dict[str, Any]:
