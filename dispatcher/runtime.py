@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,8 @@ from schemas.settings import Settings
 from . import topology
 from .db.engine import make_engine, make_sessionmaker
 from .metrics import Metrics
+
+log = logging.getLogger("rexec.runtime")
 
 BROKER_ERRORS: tuple[type[Exception], ...] = (AMQPError, ConnectionError, OSError, RuntimeError)
 """What a broker outage raises. aiormq raises a bare ``RuntimeError`` ("... closed") to open a
@@ -49,6 +52,18 @@ class Runtime:
     def notify_applied(self) -> None:
         self.events_applied.set()
         self.events_applied = anyio.Event()
+
+    async def renew_channel(self) -> None:
+        """Replace the publishing channel with a fresh one. After losing a cluster node,
+        RabbitMQ 3.10 was seen to nack every later publish on a channel whose first publish to
+        a quorum queue came while that queue was electing a new leader; a new channel
+        publishes normally."""
+        old = self.channel
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            await old.close()
+        except BROKER_ERRORS as exc:
+            log.debug("closing the old channel failed", extra={"error": repr(exc)})
 
     async def exchange(self, name: str) -> AbstractExchange:
         return await self.channel.get_exchange(name)

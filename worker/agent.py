@@ -151,6 +151,7 @@ class Agent:
         self._serving = False  # consuming was started
         # Set while running:
         self._channel: AbstractChannel
+        self._events_channel: AbstractChannel | None = None
         self._dead_exchange: AbstractExchange
         self._intake: Intake
         self._publisher: EventPublisher
@@ -251,6 +252,15 @@ class Agent:
                 "check REXEC_AMQP_URL and that the broker is running"
             ) from None
 
+    async def _events_exchange(self, connection: AbstractRobustConnection) -> AbstractExchange:
+        """The events exchange on a channel of its own, replacing (and closing) the last one:
+        the publisher asks for a fresh one when the broker nacks (``events.py``)."""
+        channel = await connection.channel(publisher_confirms=True)
+        old, self._events_channel = self._events_channel, channel
+        if old is not None:
+            await _close_quietly(old)
+        return await channel.get_exchange(names.EVENTS_EXCHANGE, ensure=False)
+
     async def _serve(
         self, connection: AbstractRobustConnection, redis: Redis, task_status: TaskStatus[None]
     ) -> None:
@@ -259,9 +269,10 @@ class Agent:
         self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._channel.set_qos(prefetch_count=self.concurrency)
         queue = await self._pool_queue(self._channel)
-        events = await self._channel.get_exchange(names.EVENTS_EXCHANGE, ensure=False)
         self._dead_exchange = await self._channel.get_exchange(names.DEAD_EXCHANGE, ensure=False)
-        self._publisher = EventPublisher(events)
+        self._publisher = EventPublisher(
+            await self._events_exchange(connection), renew=lambda: self._events_exchange(connection)
+        )
         self._leases = LeaseStore(redis, self.keys, self.agent_id)
         self._heartbeat = Heartbeat(
             redis=redis,

@@ -127,15 +127,16 @@ class PrivateRabbit:
     def management_api(self) -> str:
         return f"http://127.0.0.1:{self.management_port}"
 
-    def stop_async(self) -> subprocess.Popen[bytes] | None:
-        if not Path(self.env["RABBITMQ_PID_FILE"]).exists():
+    def terminate(self) -> int | None:
+        """SIGTERM the node's VM (Erlang stops gracefully on it), without waiting; its pid,
+        or None when it is not running."""
+        pid_file = Path(self.env["RABBITMQ_PID_FILE"])
+        if not pid_file.exists():
             return None
-        return subprocess.Popen(
-            ["rabbitmqctl", "-n", self.node, "stop", self.env["RABBITMQ_PID_FILE"]],
-            env={**os.environ, **self.env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        pid = int(pid_file.read_text().strip())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        return pid
 
     def kill(self) -> None:
         """SIGKILL the node's Erlang VM: a crash, no goodbye to the cluster or the clients."""
@@ -143,7 +144,7 @@ class PrivateRabbit:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not _alive(pid), 10, f"{self.node}'s VM to die")
-        pid_file.unlink()
+        pid_file.unlink()  # not running: stop() and terminate() leave it alone
 
     def cleanup(self) -> None:
         self.stop()
@@ -192,11 +193,18 @@ class PrivateCluster:
 
     def cleanup(self) -> None:
         """Stop the nodes still running, in parallel, and remove their directories."""
-        stops = [node.stop_async() for node in self.nodes]
-        for stop in stops:
-            if stop is not None:
-                stop.wait(timeout=90)
+        pids = [pid for node in self.nodes if (pid := node.terminate()) is not None]
+        try:
+            wait_until(lambda: not any(map(_alive, pids)), 60, "the cluster's nodes to stop")
+        finally:
+            for pid in filter(_alive, pids):
+                os.kill(pid, signal.SIGKILL)
+            for node in self.nodes:
+                Path(node.env["RABBITMQ_PID_FILE"]).unlink(missing_ok=True)
+        keep = os.environ.get("REXEC_TEST_KEEP_BROKER_LOGS")
         for node in self.nodes:
+            if keep:
+                shutil.copytree(node.dir / "log", Path(keep) / node.name, dirs_exist_ok=True)
             node.cleanup()
 
 
