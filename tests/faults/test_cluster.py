@@ -131,6 +131,7 @@ def replicated_on(node: PrivateRabbit, name: str, members: set[str]) -> dict[str
     return {}
 
 
+@pytest.mark.timeout(300)  # includes booting the session's cluster (deadline 120 s)
 class TestClusterNodeLoss:
     @pytest.fixture
     def fault_settings(
