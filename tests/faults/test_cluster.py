@@ -3,8 +3,8 @@
 Guide promise 1 (nothing lost, each task ends once) when the node that leads the pool's
 quorum queue crashes mid-run. Real ``rexec serve`` and ``rexec-agent`` processes, given every
 node in ``REXEC_AMQP_URL``, on a private three-node cluster (``servers.PrivateCluster``).
-First, ``schemas.amqp.connect_cluster`` itself: it passes over a node that is down, at the
-first connect and on a reconnect.
+First (on the same cluster, before a node is lost), ``schemas.amqp.connect_cluster`` itself:
+it passes over a node that is down, at the first connect and on a reconnect.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from schemas import names
 from schemas.amqp import BrokerUnreachable, connect_cluster
 from schemas.api import TERMINAL_STATES, TaskState
 from schemas.settings import Settings, load_settings
-from tests.conftest import MANAGEMENT_URL, REDIS_URL
+from tests.conftest import REDIS_URL
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import FAST
 from tests.faults.servers import GUEST, PrivateCluster, PrivateRabbit
@@ -46,8 +46,11 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.anyio
-async def test_the_first_connect_passes_over_a_node_that_is_down(amqp_url: str, vhost: str) -> None:
-    down = f"amqp://guest:secret@127.0.0.1:{free_port()}/{quote(vhost, safe='')}"
+async def test_the_first_connect_passes_over_a_node_that_is_down(
+    rabbit_cluster: PrivateCluster,
+) -> None:
+    amqp_url = rabbit_cluster.nodes[0].amqp_url
+    down = f"amqp://guest:secret@127.0.0.1:{free_port()}/"
     connection = await connect_cluster(f"{down},{amqp_url}", connection_name="rexec-test")
     try:
         assert connection.url == URL(amqp_url)
@@ -61,12 +64,14 @@ async def test_the_first_connect_passes_over_a_node_that_is_down(amqp_url: str, 
 
 @pytest.mark.anyio
 async def test_a_lost_connection_moves_on_past_a_node_that_is_down(
-    amqp_url: str, vhost: str
+    rabbit_cluster: PrivateCluster,
 ) -> None:
     """Its node drops the connection; the next node is down; the one after takes it, and the
     channel and its queue come back with it."""
+    node = rabbit_cluster.nodes[0]
+    amqp_url = node.amqp_url
     name = f"rexec-test-{uuid.uuid4().hex[:8]}"
-    down = f"amqp://guest:guest@127.0.0.1:{free_port()}/{quote(vhost, safe='')}"
+    down = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
     connection = await connect_cluster(
         f"{amqp_url},{down},{amqp_url}", connection_name=name, reconnect_interval=0.1
     )
@@ -75,7 +80,7 @@ async def test_a_lost_connection_moves_on_past_a_node_that_is_down(
         queue = await channel.declare_queue(exclusive=True)
         reconnected = anyio.Event()
         connection.reconnect_callbacks.add(lambda *_: reconnected.set())
-        async with httpx.AsyncClient(base_url=MANAGEMENT_URL, auth=GUEST) as api:
+        async with httpx.AsyncClient(base_url=node.management_api, auth=GUEST) as api:
             found = await await_until(lambda: named_connection(api, name), 10, name)
             await api.delete(f"/api/connections/{quote(found, safe='')}")
         with anyio.fail_after(15):
