@@ -17,6 +17,7 @@ from urllib.parse import quote, unquote, urlsplit
 import httpx
 
 from schemas import names
+from schemas.amqp import vhost_of
 from schemas.settings import Settings
 
 log = logging.getLogger("rexec.management")
@@ -26,11 +27,6 @@ TIMEOUT = 5.0
 
 class ManagementError(Exception):
     """The management API refused or could not be reached; the text says what to check."""
-
-
-def _vhost(amqp_url: str) -> str:
-    path = urlsplit(amqp_url.split(",")[0]).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 def agent_permissions(pool: str, agent_id: str) -> dict[str, str]:
@@ -56,7 +52,7 @@ class Management:
         parts = urlsplit(settings.management_url)
         self._auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
         self._base = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}"
-        self.vhost = _vhost(settings.amqp_url)
+        self.vhost = vhost_of(settings.amqp_url)
 
     def _client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self._base, auth=self._auth, timeout=TIMEOUT)

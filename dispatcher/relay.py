@@ -19,6 +19,7 @@ import msgspec
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import DeliveryError
 from opentelemetry.trace import SpanKind
+from pamqp.commands import Basic
 from sqlalchemy import delete, func, select
 
 from schemas import messages, names, signing, tracing
@@ -54,10 +55,12 @@ def task_message(task: Task, attempt: int) -> messages.TaskMessage:
 
 
 async def run_relay(rt: Runtime) -> None:
-    exchange = await rt.exchange(names.TASKS_EXCHANGE)
+    channel, exchange = rt.channel, await rt.exchange(names.TASKS_EXCHANGE)
     while True:
         rt.relay_wakeup = anyio.Event()
         try:
+            if rt.channel is not channel:  # renewed after a nack
+                channel, exchange = rt.channel, await rt.exchange(names.TASKS_EXCHANGE)
             published, next_due = await relay_once(rt, exchange)
         except BROKER_ERRORS as exc:
             log.warning("relay could not publish, will retry", extra={"error": str(exc)})
@@ -125,6 +128,7 @@ async def _publish(
     confirmed: list[int] = []
     unroutable: set[str] = set()
     failures: list[Exception] = []
+    nacked: list[Exception] = []
 
     async def one(outbox: Outbox, task: Task) -> None:
         body = messages.encode(task_message(task, outbox.attempt))
@@ -141,8 +145,12 @@ async def _publish(
         try:
             with _send_span(task, outbox.attempt, message):
                 await exchange.publish(message, routing_key=task.pool, mandatory=True)
-        except DeliveryError:
-            unroutable.add(task.pool)
+        except DeliveryError as exc:
+            if isinstance(exc.frame, Basic.Nack):  # refused, not returned: retry elsewhere
+                failures.append(exc)
+                nacked.append(exc)
+            else:
+                unroutable.add(task.pool)
             return
         except BROKER_ERRORS as exc:  # broker gone or channel being restored
             failures.append(exc)
@@ -152,6 +160,14 @@ async def _publish(
     async with anyio.create_task_group() as tg:
         for outbox, task in rows:
             tg.start_soon(one, outbox, task)
+    if nacked:
+        log.warning(
+            "the broker nacked publishes: renewing the channel", extra={"nacked": len(nacked)}
+        )
+        try:
+            await rt.renew_channel()
+        except BROKER_ERRORS as exc:
+            log.warning("could not renew the channel", extra={"error": repr(exc)})
     if failures:
         return confirmed, failures[0]
     for pool in unroutable:

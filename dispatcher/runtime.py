@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from schemas import messages, names
+from schemas.amqp import connect_cluster
 from schemas.names import RedisKeys
 from schemas.redis_client import open_redis
 from schemas.settings import Settings
@@ -24,6 +26,8 @@ from . import topology
 from .db.engine import make_engine, make_sessionmaker
 from .metrics import Metrics
 from .signing_key import announced_public_keys, load_signer
+
+log = logging.getLogger("rexec.runtime")
 
 BROKER_ERRORS: tuple[type[Exception], ...] = (AMQPError, ConnectionError, OSError, RuntimeError)
 """What a broker outage raises. aiormq raises a bare ``RuntimeError`` ("... closed") to open a
@@ -57,6 +61,18 @@ class Runtime:
         self.events_applied.set()
         self.events_applied = anyio.Event()
 
+    async def renew_channel(self) -> None:
+        """Replace the publishing channel with a fresh one. After losing a cluster node,
+        RabbitMQ 3.10 was seen to nack every later publish on a channel whose first publish to
+        a quorum queue came while that queue was electing a new leader; a new channel
+        publishes normally."""
+        old = self.channel
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            await old.close()
+        except BROKER_ERRORS as exc:
+            log.debug("closing the old channel failed", extra={"error": repr(exc)})
+
     async def exchange(self, name: str) -> AbstractExchange:
         return await self.channel.get_exchange(name)
 
@@ -85,11 +101,8 @@ class Runtime:
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     engine = make_engine(settings.database_url)
     redis = open_redis(settings.redis_url)
-    connection = await aio_pika.connect_robust(
-        settings.amqp_url,
-        client_properties={
-            "connection_name": names.dispatcher_connection_name(socket.gethostname())
-        },
+    connection = await connect_cluster(
+        settings.amqp_url, connection_name=names.dispatcher_connection_name(socket.gethostname())
     )
     try:
         # on_return_raises: a mandatory message the broker cannot route fails its publish.

@@ -1,17 +1,22 @@
 """Declares the RabbitMQ topology named in the guide; only the dispatcher configures the broker.
 
 Agents never declare anything (their credentials cannot): they check their queues passively.
+Every queue is a quorum queue: a classic durable queue lives on one node, and while that node
+is down the queue cannot be declared or consumed, so a client's reconnect (which restores its
+queues) would fail on every other node of the cluster too.
 """
 
 from __future__ import annotations
 
 import aio_pika
 from aio_pika.abc import AbstractChannel
+from pamqp.common import FieldTable
 
 from schemas import names
 
 AGENT_QUEUE_EXPIRES_MS = 3_600_000
 """An agent's control queue disappears an hour after its agent stopped consuming it."""
+QUORUM: FieldTable = {"x-queue-type": "quorum"}
 
 
 async def declare_core(channel: AbstractChannel) -> None:
@@ -26,14 +31,14 @@ async def declare_core(channel: AbstractChannel) -> None:
         names.EVENTS_QUEUE,
         durable=True,
         arguments={
-            "x-queue-type": "quorum",
+            **QUORUM,
             "x-dead-letter-exchange": names.DEAD_EXCHANGE,
             "x-dead-letter-routing-key": names.DEAD_EVENTS_ROUTING_KEY,
         },
     )
     await queue.bind(events, routing_key="")
     dead_events = await channel.declare_queue(
-        names.dead_queue(names.DEAD_EVENTS_ROUTING_KEY), durable=True
+        names.dead_queue(names.DEAD_EVENTS_ROUTING_KEY), durable=True, arguments=QUORUM
     )
     await dead_events.bind(dead, routing_key=names.DEAD_EVENTS_ROUTING_KEY)
 
@@ -46,14 +51,14 @@ async def declare_pool(channel: AbstractChannel, pool: str, delivery_limit: int)
         names.pool_queue(pool),
         durable=True,
         arguments={
-            "x-queue-type": "quorum",
+            **QUORUM,
             "x-delivery-limit": delivery_limit,
             "x-dead-letter-exchange": names.DEAD_EXCHANGE,
             "x-dead-letter-routing-key": pool,
         },
     )
     await queue.bind(tasks, routing_key=pool)
-    dead_queue = await channel.declare_queue(names.dead_queue(pool), durable=True)
+    dead_queue = await channel.declare_queue(names.dead_queue(pool), durable=True, arguments=QUORUM)
     await dead_queue.bind(dead, routing_key=pool)
 
 
@@ -62,6 +67,6 @@ async def declare_agent_queue(channel: AbstractChannel, agent_id: str) -> None:
     queue = await channel.declare_queue(
         names.agent_queue(agent_id),
         durable=True,
-        arguments={"x-expires": AGENT_QUEUE_EXPIRES_MS},
+        arguments={**QUORUM, "x-expires": AGENT_QUEUE_EXPIRES_MS},
     )
     await queue.bind(control, routing_key=agent_id)

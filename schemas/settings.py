@@ -11,12 +11,14 @@ from collections.abc import Mapping
 
 import msgspec
 
+from .amqp import parse_amqp_urls
 from .redis_url import check_redis_url
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str = "sqlite+aiosqlite:///rexec.db"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    """RabbitMQ: one URL, or the nodes of one cluster separated by commas (``schemas.amqp``)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "rexec"
     api_url: str = "http://127.0.0.1:8600"
@@ -79,6 +81,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     agent_log_url: str = ""
     """URL where the CLI reaches this agent's logs (its health port); default
     ``http://<hostname>:<health_port>``."""
+
+    def __post_init__(self) -> None:
+        parse_amqp_urls(self.amqp_url)  # a bad REXEC_AMQP_URL fails at startup, by name
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:

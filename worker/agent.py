@@ -30,9 +30,9 @@ from aio_pika.abc import (
 from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from yarl import URL
 
 from schemas import messages, names, signing, tls, tracing
+from schemas.amqp import connect_cluster, parse_amqp_urls, safe_url
 from schemas.names import RedisKeys
 from schemas.redis_client import open_redis
 from schemas.redis_url import RedisURLError
@@ -168,6 +168,7 @@ class Agent:
         self._serving = False  # consuming was started
         # Set while running:
         self._channel: AbstractChannel
+        self._events_channel: AbstractChannel | None = None
         self._dead_exchange: AbstractExchange
         self._intake: Intake
         self._publisher: EventPublisher
@@ -262,19 +263,26 @@ class Agent:
     async def _connect(self) -> AbstractRobustConnection:
         name = names.agent_connection_name(self.pool, self.agent_id, self.hostname)
         try:
-            return await aio_pika.connect_robust(
-                self.settings.amqp_url,
-                client_properties={"connection_name": name},
-                reconnect_interval=RECONNECT_INTERVAL,
+            return await connect_cluster(
+                self.settings.amqp_url, connection_name=name, reconnect_interval=RECONNECT_INTERVAL
             )
         except Exception as exc:
             if (problem := tls.certificate_problem(exc)) is not None:
-                where = f"RabbitMQ at {_safe_url(self.settings.amqp_url)}"
+                where = f"RabbitMQ at {', '.join(safe_url(u) for u in parse_amqp_urls(self.settings.amqp_url))}"
                 raise AgentError(tls.describe(problem, "amqp", where)) from None
             raise AgentError(
-                f"cannot connect to RabbitMQ at {_safe_url(self.settings.amqp_url)}: {exc}; "
+                f"cannot connect to RabbitMQ: {exc}; "
                 "check REXEC_AMQP_URL and that the broker is running"
             ) from None
+
+    async def _events_exchange(self, connection: AbstractRobustConnection) -> AbstractExchange:
+        """The events exchange on a channel of its own, replacing (and closing) the last one:
+        the publisher asks for a fresh one when the broker nacks (``events.py``)."""
+        channel = await connection.channel(publisher_confirms=True)
+        old, self._events_channel = self._events_channel, channel
+        if old is not None:
+            await _close_quietly(old)
+        return await channel.get_exchange(names.EVENTS_EXCHANGE, ensure=False)
 
     async def _serve(
         self, connection: AbstractRobustConnection, redis: Redis, task_status: TaskStatus[None]
@@ -284,9 +292,12 @@ class Agent:
         self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await self._channel.set_qos(prefetch_count=self.concurrency)
         queue = await self._pool_queue(self._channel)
-        events = await self._channel.get_exchange(names.EVENTS_EXCHANGE, ensure=False)
         self._dead_exchange = await self._channel.get_exchange(names.DEAD_EXCHANGE, ensure=False)
-        self._publisher = EventPublisher(events, user_id=self.broker_user)
+        self._publisher = EventPublisher(
+            await self._events_exchange(connection),
+            user_id=self.broker_user,
+            renew=lambda: self._events_exchange(connection),
+        )
         self._leases = LeaseStore(redis, self.keys, self.pool, self.agent_id)
         self._heartbeat = Heartbeat(
             redis=redis,
@@ -396,7 +407,7 @@ class Agent:
             except (RedisError, OSError) as exc:
                 problem = tls.certificate_problem(exc)
                 if isinstance(problem, ssl.SSLCertVerificationError):  # will not fix itself
-                    where = f"Redis at {_safe_url(self.settings.redis_url)}"
+                    where = f"Redis at {safe_url(self.settings.redis_url)}"
                     raise AgentError(tls.describe(problem, "redis", where)) from None
                 self._log(logging.WARNING, "Redis unreachable, waiting", error=str(exc))
                 with anyio.move_on_after(delay):
@@ -830,17 +841,9 @@ def _verifier(settings: Settings) -> signing.Verifier:
 def broker_user(amqp_url: str) -> str:
     """The user the agent logs in to RabbitMQ as (aio-pika's default is guest)."""
     try:
-        return URL(amqp_url.split(",")[0].strip()).user or "guest"
+        return parse_amqp_urls(amqp_url)[0].user or "guest"
     except ValueError:
         return "guest"
-
-
-def _safe_url(url: str) -> str:
-    try:
-        parsed = URL(url)
-    except ValueError:
-        return "(invalid URL)"
-    return str(parsed.with_password("***") if parsed.password else parsed)
 
 
 async def _close_quietly(closable: AbstractRobustConnection | AbstractChannel) -> None:

@@ -4,17 +4,25 @@ Awaiting one broker confirm per event caps an agent at a few hundred tasks a sec
 callers share batches: ``emit`` queues an event and returns once the broker confirmed the
 batch that carried it. Several batches are in flight at once. A batch that fails (broker
 down, channel lost) is retried with backoff until it is confirmed.
+
+A batch the broker nacks is retried on a fresh channel (``renew``): after losing a cluster
+node, RabbitMQ 3.10 was seen to nack every later publish on a channel whose first publish to
+the events queue came while that queue was electing a new leader; a new channel publishes
+normally.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aio_pika
 import anyio
 from aio_pika.abc import AbstractExchange
+from aio_pika.exceptions import DeliveryError
+from pamqp.commands import Basic
 
 from schemas import messages
 
@@ -46,11 +54,15 @@ class EventPublisher:
         max_batch: int = MAX_BATCH,
         max_in_flight: int = MAX_IN_FLIGHT,
         user_id: str | None = None,
+        renew: Callable[[], Awaitable[AbstractExchange]] | None = None,
     ) -> None:
         self._exchange = exchange
         self._user_id = user_id
         """The broker user we log in as: the broker checks it, so the dispatcher can tell
         which agent really published a batch."""
+        self._renew = renew
+        self._renewing = anyio.Lock()
+        self.renewals = 0
         self._max_batch = max_batch
         self._in_flight = anyio.Semaphore(max_in_flight)
         self._queue: deque[_Batch] = deque()
@@ -95,8 +107,9 @@ class EventPublisher:
         delay = 0.05
         try:
             while True:
+                exchange = self._exchange
                 try:
-                    await self._exchange.publish(
+                    await exchange.publish(
                         aio_pika.Message(
                             body,
                             content_type="application/json",
@@ -112,6 +125,8 @@ class EventPublisher:
                         "event batch not confirmed, retrying",
                         extra={"events": len(batch.events), "error": repr(exc), "retry_in": delay},
                     )
+                    if _nacked(exc):
+                        await self._renew_after_nack(exchange)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, RETRY_MAX_DELAY)
         finally:
@@ -119,3 +134,22 @@ class EventPublisher:
         self.published_batches += 1
         self.published_events += len(batch.events)
         batch.confirmed.set()
+
+    async def _renew_after_nack(self, nacked_on: AbstractExchange) -> None:
+        """Move to a fresh channel, once for all the batches nacked on the same one."""
+        if self._renew is None:
+            return
+        async with self._renewing:
+            if self._exchange is not nacked_on:
+                return  # another batch renewed it already
+            try:
+                self._exchange = await self._renew()
+            except Exception as exc:  # broker away: the next nack tries again
+                log.warning("could not open a fresh events channel", extra={"error": repr(exc)})
+                return
+            self.renewals += 1
+            log.warning("events channel renewed after a nack")
+
+
+def _nacked(exc: Exception) -> bool:
+    return isinstance(exc, DeliveryError) and isinstance(exc.frame, Basic.Nack)

@@ -17,7 +17,7 @@ from schemas.api import TaskState, TaskView
 from schemas.settings import Settings, load_settings
 from tests.conftest import MANAGEMENT_URL, REDIS_URL
 from tests.e2e.conftest import Plane, pytest_runtest_makereport  # noqa: F401  (logs on failure)
-from tests.faults.servers import PrivateRabbit, PrivateRedis, PrivateSentinel
+from tests.faults.servers import PrivateCluster, PrivateRabbit, PrivateRedis, PrivateSentinel
 
 FAST = {"heartbeat_ttl": 2.0, "watchdog_interval": 0.5}
 ALLOW = ["--allow", "tests.tasks:*", "--allow", "tests.faults.tasks:*"]
@@ -65,6 +65,17 @@ def sentinel_group(sentinel_servers: PrivateSentinel) -> PrivateSentinel:
     if not sentinel_servers.settled():
         sentinel_servers.heal()
     return sentinel_servers
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster(run_id: str) -> Iterator[PrivateCluster]:
+    """Three RabbitMQ nodes of this session's own in one cluster, for tests that lose a node."""
+    cluster = PrivateCluster(f"rexec-cluster-{run_id}")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
 
 
 @pytest.fixture

@@ -17,12 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.faults.certs import ServerCert
 from tests.support import free_port, wait_until
+
+GUEST = ("guest", "guest")
 
 
 def _run(
@@ -42,7 +45,11 @@ class PrivateRabbit:
     """A RabbitMQ node of a test session's own (see the guide, section 7)."""
 
     def __init__(
-        self, name: str, consumer_timeout_ms: int = 60_000, tls: ServerCert | None = None
+        self,
+        name: str,
+        consumer_timeout_ms: int = 60_000,
+        tls: ServerCert | None = None,
+        extra_config: str = "",
     ) -> None:
         self.name = name
         self.node = f"{name}@localhost"
@@ -54,7 +61,7 @@ class PrivateRabbit:
             self._listeners() + f"management.tcp.port = {self.management_port}\n"
             "management.tcp.ip = 127.0.0.1\n"
             f"consumer_timeout = {consumer_timeout_ms}\n"
-            "loopback_users = none\n"
+            "loopback_users = none\n" + extra_config
         )
         (self.dir / "enabled_plugins").write_text("[rabbitmq_management].\n")
         for sub in ("mnesia", "log"):
@@ -148,9 +155,107 @@ class PrivateRabbit:
         self.stop()
         self.start()
 
+    def launch(self) -> None:
+        """Start the server without waiting for it; nodes of a cluster boot in parallel."""
+        result = _run(["rabbitmq-server", "-detached"], self.env)
+        assert result.returncode == 0, f"rabbitmq-server did not start: {result.stderr}"
+
+    def cluster_running(self) -> set[str]:
+        """The nodes this node's management API reports running (empty while it boots)."""
+        try:
+            response = httpx.get(f"{self.management_api}/api/nodes", auth=GUEST, timeout=5)
+            response.raise_for_status()
+        except httpx.HTTPError:
+            return set()
+        return {n["name"] for n in response.json() if n.get("running")}
+
+    @property
+    def management_api(self) -> str:
+        return f"http://127.0.0.1:{self.management_port}"
+
+    def terminate(self) -> int | None:
+        """SIGTERM the node's VM (Erlang stops gracefully on it), without waiting; its pid,
+        or None when it is not running."""
+        pid_file = Path(self.env["RABBITMQ_PID_FILE"])
+        if not pid_file.exists():
+            return None
+        pid = int(pid_file.read_text().strip())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        return pid
+
+    def kill(self) -> None:
+        """SIGKILL the node's Erlang VM: a crash, no goodbye to the cluster or the clients."""
+        pid_file = Path(self.env["RABBITMQ_PID_FILE"])
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not _alive(pid), 10, f"{self.node}'s VM to die")
+        pid_file.unlink()  # not running: stop() and terminate() leave it alone
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateCluster:
+    """Three private nodes clustered together, for tests that lose a node.
+
+    Nodes started by one user share that user's Erlang cookie (as root, the server and
+    ``rabbitmqctl`` both run as the ``rabbitmq`` user with its HOME), so they may cluster.
+    They boot in parallel and the others join the first as they boot (about 11 s on an idle
+    2-core machine; ``stop_app`` / ``join_cluster`` / ``start_app`` took about 30 s, most of
+    it starting a CLI VM per call). ``cleanup`` stops them with SIGTERM, in parallel.
+    A node a test kills stays down for the rest of the session.
+    """
+
+    def __init__(self, name: str, size: int = 3) -> None:
+        first = PrivateRabbit(f"{name}-n1")
+        # The others find the first at boot (classic peer discovery) and join it, retrying
+        # while it boots: no stop_app / join_cluster / start_app round of CLI calls.
+        join_first = (
+            "cluster_formation.peer_discovery_backend = classic_config\n"
+            f"cluster_formation.classic_config.nodes.1 = {first.node}\n"
+            "cluster_formation.discovery_retry_limit = 240\n"
+            "cluster_formation.discovery_retry_interval = 500\n"
+        )
+        self.nodes = [first] + [
+            PrivateRabbit(f"{name}-n{i + 1}", extra_config=join_first) for i in range(1, size)
+        ]
+        self.names = {node.node for node in self.nodes}
+
+    @property
+    def amqp_url(self) -> str:
+        """Every node's URL, comma-separated, as ``REXEC_AMQP_URL`` takes them."""
+        return ",".join(node.amqp_url for node in self.nodes)
+
+    def by_name(self, node: str) -> PrivateRabbit:
+        return next(n for n in self.nodes if n.node == node)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.launch()
+        wait_until(
+            lambda: all(node.cluster_running() == self.names for node in self.nodes),
+            120,
+            f"the cluster {sorted(self.names)} to form",
+        )
+
+    def cleanup(self) -> None:
+        """Stop the nodes still running, in parallel, and remove their directories (their
+        logs are copied first to ``REXEC_TEST_KEEP_BROKER_LOGS`` when it is set)."""
+        pids = [pid for node in self.nodes if (pid := node.terminate()) is not None]
+        try:
+            wait_until(lambda: not any(map(_alive, pids)), 60, "the cluster's nodes to stop")
+        finally:
+            for pid in filter(_alive, pids):
+                os.kill(pid, signal.SIGKILL)
+            for node in self.nodes:
+                Path(node.env["RABBITMQ_PID_FILE"]).unlink(missing_ok=True)
+        keep = os.environ.get("REXEC_TEST_KEEP_BROKER_LOGS")
+        for node in self.nodes:
+            if keep:
+                shutil.copytree(node.dir / "log", Path(keep) / node.name, dirs_exist_ok=True)
+            node.cleanup()
 
 
 class PrivateRedis:
@@ -395,6 +500,14 @@ def _client(port: int) -> redis.Redis:
     )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
@@ -403,6 +516,22 @@ def _pings(client: redis.Redis) -> bool:
 
 
 if __name__ == "__main__":  # a quick manual check: python -m tests.faults.servers
+    import sys
+
+    if sys.argv[1:] == ["cluster"]:
+        began = time.monotonic()
+        cluster = PrivateCluster("rexec-selfcheck")
+        try:
+            cluster.start()
+            print(f"cluster up in {time.monotonic() - began:.1f}s: {cluster.amqp_url}")
+            began = time.monotonic()
+            cluster.nodes[0].kill()
+            print(f"n1 killed in {time.monotonic() - began:.1f}s")
+        finally:
+            began = time.monotonic()
+            cluster.cleanup()
+            print(f"cluster stopped in {time.monotonic() - began:.1f}s")
+        sys.exit(0)
     began = time.monotonic()
     rabbit = PrivateRabbit("rexec-selfcheck")
     rabbit.start()

@@ -60,7 +60,6 @@ async def test_register_sends_token_and_body() -> None:
         "pid": 1,
         "concurrency": 4,
         "version": 1,
-        "protocol_minor": 0,
         "allow": ["m:*"],
     }
 
