@@ -50,6 +50,8 @@ class SubmitTask(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     expires_in: float | None = None
     """Seconds the task may wait in the queue before it expires unstarted."""
     idempotency_key: str | None = None
+    secrets: list[str] = []
+    """Names of secrets the agent resolves from its own backend (values never reach us)."""
 
 
 class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -76,6 +78,7 @@ class TaskView(msgspec.Struct, kw_only=True):
     started_at: float | None
     finished_at: float | None
     cancel_requested: bool = False
+    secrets: list[str] = []
 
 
 class SubmitBatchResult(msgspec.Struct, kw_only=True):

@@ -1,7 +1,8 @@
 """Command tasks: run an argv in its own process group and keep the tail of its output.
 
 The process group lets the agent kill the command together with anything it started, which
-is what a timeout or a cancel must do.
+is what a timeout or a cancel must do. The secrets the task named are in its environment, each
+under its own name; the output tail that goes back is masked by the agent's ``Reporter``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Mapping
 
 import anyio
 import msgspec
@@ -22,8 +24,10 @@ OUTPUT_TAIL = protocol.TRACEBACK_TAIL
 _json = msgspec.json.Encoder()
 
 
-async def run_command(argv: list[str]) -> protocol.Outcome:
-    """Run to completion; on cancellation (timeout, cancel) kill the whole group first."""
+async def run_command(argv: list[str], *, env: Mapping[str, str] | None = None) -> protocol.Outcome:
+    """Run to completion; on cancellation (timeout, cancel) kill the whole group first.
+
+    ``env``: the environment (default: the agent's, minus its credentials)."""
     try:
         process = await anyio.open_process(
             argv,
@@ -31,7 +35,7 @@ async def run_command(argv: list[str]) -> protocol.Outcome:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=task_environment(),
+            env=dict(env) if env is not None else task_environment(),
         )
     except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
         return protocol.failure(

@@ -3,12 +3,17 @@
 The attempt runs inside its cancel scope: the deadline is the task's timeout, and a stop
 (cancel, lease lost, shutdown) cancels the scope. Either way the runner kills the process, and
 the stop reason, or the deadline, decides the event.
+
+The secrets a task names are resolved first, inside the same scope: one that cannot be
+resolved fails the attempt before its code runs. A command gets them in its environment, a
+function through ``worker.context.secret``; the ``Reporter`` masks their values in the event.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Iterable
 
 import anyio
 
@@ -18,15 +23,25 @@ from . import protocol
 from .attempts import Attempt, StopReason
 from .children import ChildDied, ChildPool
 from .command import run_command
+from .environment import task_environment
 from .reports import Reporter
+from .secrets import Resolver, SecretError
 
 log = logging.getLogger("rexec.agent.execution")
 
 
 class Executor:
-    def __init__(self, children: ChildPool, reporter: Reporter) -> None:
+    def __init__(
+        self,
+        children: ChildPool,
+        reporter: Reporter,
+        resolver: Resolver | None = None,
+        hidden_env: Iterable[str] = (),
+    ) -> None:
         self.children = children
         self.reporter = reporter
+        self.resolver = resolver
+        self.hidden_env = tuple(hidden_env)
 
     async def execute(self, attempt: Attempt) -> messages.TaskEvent | None:
         """The attempt's terminal event, or None when it is no longer ours to report."""
@@ -40,12 +55,28 @@ class Executor:
             return self._from_outcome(task, outcome)
         return self._from_stop(task, attempt.stop_reason)
 
+    async def _secrets(self, task: messages.TaskMessage) -> dict[str, str]:
+        if not task.secrets:
+            return {}
+        if self.resolver is None:
+            raise SecretError("this agent has no secrets backend", retryable=False)
+        return await self.resolver.resolve(task.secrets)
+
     async def _run(self, task: messages.TaskMessage) -> protocol.Outcome:
         try:
+            secrets = await self._secrets(task)
+        except SecretError as exc:
+            self._log(logging.WARNING, "task secrets unavailable", task, error=str(exc))
+            return protocol.failure(exc.error_type, str(exc), retryable=exc.retryable)
+        try:
             if task.kind == "command":
-                return await run_command(task.argv)
+                env = task_environment(hidden_prefixes=self.hidden_env)
+                env.update(secrets)
+                return await run_command(task.argv, env=env)
             return await self.children.call(
-                protocol.Call(target=task.target, args=task.args, kwargs=task.kwargs)
+                protocol.Call(
+                    target=task.target, args=task.args, kwargs=task.kwargs, secrets=secrets
+                )
             )
         except ChildDied as exc:
             self._log(logging.ERROR, "child process died", task, error=str(exc))
