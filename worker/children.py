@@ -93,7 +93,7 @@ class ChildPool:
     ) -> None:
         self.size = size
         self.max_result_bytes = max_result_bytes
-        self.masker = masker or Masker()
+        self.masker = masker if masker is not None else Masker()
         self.hidden_env = tuple(hidden_env)
         self._tg = task_group
         send, receive = anyio.create_memory_object_stream[Child](size)

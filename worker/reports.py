@@ -23,7 +23,7 @@ class Reporter:
 
     def __init__(self, agent_id: str, masker: Masker | None = None) -> None:
         self.agent_id = agent_id
-        self.masker = masker or Masker()
+        self.masker = masker if masker is not None else Masker()
 
     def event(self, kind: type[E], task: messages.TaskMessage, **fields: Any) -> E:
         if len(self.masker):

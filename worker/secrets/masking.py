@@ -39,6 +39,9 @@ class Masker:
     def __len__(self) -> int:
         return len(self._forms)
 
+    def __bool__(self) -> bool:
+        return True  # an empty masker is still a masker: ``masker or Masker()`` must keep it
+
     def add(self, value: str) -> None:
         """Mask ``value`` from now on (an empty value cannot be masked and is ignored)."""
         if not value:
