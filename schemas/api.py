@@ -35,8 +35,10 @@ TERMINAL_STATES = frozenset(
 )
 
 
-class SubmitTask(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A task to run: either ``target`` (``module:function``) or ``command`` (argv)."""
+class SubmitTask(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A task to run: either ``target`` (``module:function``) or ``command`` (argv).
+
+    Encoded without defaults, so a client sends ``secrets`` only to servers that need it."""
 
     pool: str
     target: str | None = None
