@@ -316,3 +316,27 @@ def test_context_secret_gives_named_values_only() -> None:
         context._clear()
     with pytest.raises(LookupError):
         context.secret("db")
+
+
+def test_attempts_that_start_together_share_one_backend_call() -> None:
+    class Slow(EnvBackend):
+        def lookup(self, name: str) -> str | None:
+            import time
+
+            time.sleep(0.05)  # a backend round trip, in the resolver's worker thread
+            return super().lookup(name)
+
+    resolver = Resolver(Slow("REXEC_SECRET_", {"REXEC_SECRET_db": "pw"}), SecretCache(60), Masker())
+    results: list[dict[str, str]] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+
+                async def one() -> None:
+                    results.append(await resolver.resolve(["db"]))
+
+                tg.start_soon(one)
+
+    anyio.run(main)
+    assert results == [{"db": "pw"}] * 8 and resolver.lookups == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import anyio
 import anyio.to_thread
 
 from schemas.names import SECRET_NAME
@@ -24,6 +25,7 @@ class Resolver:
         self.masker = masker
         self.lookups = 0
         """Backend calls made (cache misses), for tests and metrics."""
+        self._locks: dict[str, anyio.Lock] = {}
 
     async def resolve(self, names: Sequence[str]) -> dict[str, str]:
         """Every named value, or ``SecretError`` naming the first that cannot be had."""
@@ -31,11 +33,22 @@ class Resolver:
         for name in names:
             value = self.cache.get(name)
             if value is None:
-                value = await self._lookup(name)
-                self.cache.put(name, value)
+                value = await self._fetch(name)
             self.masker.add(value)
             values[name] = value
         return values
+
+    async def _fetch(self, name: str) -> str:
+        """One backend call per name at a time: attempts that start together share it."""
+        lock = self._locks.setdefault(name, anyio.Lock())
+        async with lock:
+            value = self.cache.get(name)  # filled while we waited?
+            if value is None:
+                value = await self._lookup(name)
+                self.cache.put(name, value)
+        if not lock.locked() and not lock.statistics().tasks_waiting:
+            self._locks.pop(name, None)
+        return value
 
     async def _lookup(self, name: str) -> str:
         backend = self.backend.name
