@@ -30,7 +30,7 @@ class AwsBackend(SecretsBackend):
         )
 
     def where(self, name: str) -> str:
-        return f"AWS Secrets Manager secret id {self.prefix}{name!s}"
+        return f"AWS Secrets Manager secret id {self.prefix}{name}"
 
     def lookup(self, name: str) -> str | None:
         try:
