@@ -93,8 +93,11 @@ class AsyncRexecClient:
         retry_backoff: float | None = None,
         expires_in: float | None = None,
         idempotency_key: str | None = None,
+        secrets: Sequence[str] = (),
     ) -> TaskView:
-        """Submit ``target`` (``module:function``) or ``command`` (argv) to ``pool``."""
+        """Submit ``target`` (``module:function``) or ``command`` (argv) to ``pool``.
+
+        ``secrets``: names the agent resolves from its own backend; values never leave it."""
         body = _calls.submit_body(
             pool,
             target,
@@ -106,6 +109,7 @@ class AsyncRexecClient:
             retry_backoff,
             expires_in,
             idempotency_key,
+            secrets,
         )
         return await self._run(_calls.submit(body))
 

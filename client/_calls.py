@@ -282,6 +282,7 @@ def submit_body(
     retry_backoff: float | None,
     expires_in: float | None,
     idempotency_key: str | None,
+    secrets: Sequence[str] = (),
 ) -> SubmitTask:
     return SubmitTask(
         pool=pool,
@@ -294,6 +295,7 @@ def submit_body(
         retry_backoff=retry_backoff,
         expires_in=expires_in,
         idempotency_key=idempotency_key,
+        secrets=list(secrets),
     )
 
 

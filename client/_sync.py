@@ -92,8 +92,11 @@ class RexecClient:
         retry_backoff: float | None = None,
         expires_in: float | None = None,
         idempotency_key: str | None = None,
+        secrets: Sequence[str] = (),
     ) -> TaskView:
-        """Submit ``target`` (``module:function``) or ``command`` (argv) to ``pool``."""
+        """Submit ``target`` (``module:function``) or ``command`` (argv) to ``pool``.
+
+        ``secrets``: names the agent resolves from its own backend; values never leave it."""
         body = _calls.submit_body(
             pool,
             target,
@@ -105,6 +108,7 @@ class RexecClient:
             retry_backoff,
             expires_in,
             idempotency_key,
+            secrets,
         )
         return self._run(_calls.submit(body))
 

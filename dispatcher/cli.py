@@ -333,6 +333,7 @@ def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
         retry_backoff=args.retry_backoff,
         expires_in=args.expires_in,
         idempotency_key=args.key,
+        secrets=args.secrets,
     )
     sys.stdout.write(task.id + "\n")
     return 0
@@ -601,6 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--expires-in", type=positive_float, metavar="S", help="expire if not started in S seconds"
     )
     p.add_argument("--key", metavar="K", help="idempotency key: a resubmission returns the task")
+    p.add_argument(
+        "--secret",
+        dest="secrets",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a secret the agent resolves for the task (only the name is sent); repeatable",
+    )
 
     p = command(commands, "status", cmd_status, "one task in detail", [json_flag])
     p.add_argument("id", metavar="ID")

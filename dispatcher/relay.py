@@ -51,6 +51,7 @@ def task_message(task: Task, attempt: int) -> messages.TaskMessage:
         timeout=task.timeout,
         expires_at=task.expires_at,
         submitted_at=task.created_at,
+        secrets=_json.decode(task.secrets_json or "[]"),
     )
 
 

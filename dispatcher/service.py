@@ -42,7 +42,7 @@ from schemas.api import (
     TokenCreated,
     TokenView,
 )
-from schemas.names import validate_pool_name
+from schemas.names import validate_pool_name, validate_secret_names
 from schemas.settings import Settings
 
 from . import audit, credentials, statemachine, transitions
@@ -122,6 +122,7 @@ def task_view(task: Task) -> TaskView:
         argv=_decoder.decode(task.argv_json),
         args=_decoder.decode(task.args_json),
         kwargs=_decoder.decode(task.kwargs_json),
+        secrets=_decoder.decode(task.secrets_json or "[]"),
         state=TaskState(task.state),
         attempt=task.attempt,
         max_attempts=task.max_attempts,
@@ -217,6 +218,10 @@ def _task_row(body: SubmitTask, settings: Settings, now: float) -> dict[str, Any
     key = body.idempotency_key
     if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
         raise Invalid(f"idempotency_key must be 1 to {IDEMPOTENCY_KEY_MAX} characters long")
+    try:
+        validate_secret_names(body.secrets)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
     task_id = uuid.uuid4().hex
     return {
         "id": task_id,
@@ -226,6 +231,7 @@ def _task_row(body: SubmitTask, settings: Settings, now: float) -> dict[str, Any
         "argv_json": argv,
         "args_json": args,
         "kwargs_json": kwargs,
+        "secrets_json": _json_text(body.secrets),
         "state": TaskState.QUEUED.value,
         "attempt": 1,
         "max_attempts": max_attempts,

@@ -35,8 +35,10 @@ TERMINAL_STATES = frozenset(
 )
 
 
-class SubmitTask(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A task to run: either ``target`` (``module:function``) or ``command`` (argv)."""
+class SubmitTask(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A task to run: either ``target`` (``module:function``) or ``command`` (argv).
+
+    Encoded without defaults, so a client sends ``secrets`` only to servers that need it."""
 
     pool: str
     target: str | None = None
@@ -50,6 +52,8 @@ class SubmitTask(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     expires_in: float | None = None
     """Seconds the task may wait in the queue before it expires unstarted."""
     idempotency_key: str | None = None
+    secrets: list[str] = []
+    """Names of secrets the agent resolves from its own backend (values never reach us)."""
 
 
 class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -80,6 +84,7 @@ class TaskView(msgspec.Struct, kw_only=True):
     """The last lines of the latest reported attempt's log; the whole log stays on the agent."""
     log_ref: str = ""
     """Where that agent keeps the whole log (``rexec logs ID`` fetches it through the agent)."""
+    secrets: list[str] = []
 
 
 class SubmitBatchResult(msgspec.Struct, kw_only=True):

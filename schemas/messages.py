@@ -31,10 +31,20 @@ class _Header(msgspec.Struct):
     v: int
 
 
-class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One attempt of a task, published by the dispatcher to its pool's queue."""
+def _version() -> int:
+    return PROTOCOL_VERSION
 
-    v: int = PROTOCOL_VERSION
+
+class TaskMessage(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """One attempt of a task, published by the dispatcher to its pool's queue.
+
+    Encoded without default values, so a task that names no secrets decodes on agents that
+    predate ``secrets``. ``v`` has a factory, not a plain default, so it is always encoded.
+    """
+
+    v: int = msgspec.field(default_factory=_version)
     task_id: str
     attempt: int
     pool: str
@@ -49,6 +59,8 @@ class TaskMessage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     expires_at: float | None = None
     """Epoch seconds after which the task must not start (schedule-to-start expiry)."""
     submitted_at: float = 0.0
+    secrets: list[str] = []
+    """Names of the secrets the agent resolves locally for this task; never their values."""
 
 
 class _Event(

@@ -113,3 +113,28 @@ def validate_pool_name(pool: str) -> str:
             "starting with a letter or digit"
         )
     return pool
+
+
+SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_SECRETS = 64
+"""Secrets one task may name."""
+
+
+def validate_secret_names(secrets: list[str]) -> list[str]:
+    """Names a task asks its agent to resolve. Only names cross the planes, never values.
+
+    A name is also the environment variable a command task gets, hence identifier syntax.
+    """
+    if len(secrets) > MAX_SECRETS:
+        raise ValueError(f"a task may name at most {MAX_SECRETS} secrets, not {len(secrets)}")
+    seen: set[str] = set()
+    for name in secrets:
+        if not SECRET_NAME.match(name):
+            raise ValueError(
+                f"invalid secret name {name!r}: use 1-128 letters, digits or '_', not starting "
+                "with a digit (for example 'db_password' or 'PGPASSWORD')"
+            )
+        if name in seen:
+            raise ValueError(f"secret {name!r} is named twice")
+        seen.add(name)
+    return secrets

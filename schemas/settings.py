@@ -85,6 +85,39 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         parse_amqp_urls(self.amqp_url)  # a bad REXEC_AMQP_URL fails at startup, by name
 
+    # Agent-side secrets: where an agent resolves the secrets a task names (worker/secrets/).
+    secrets_backend: str = "env"
+    """``env``, ``file``, ``vault``, ``aws``, ``gcp`` or ``azure``."""
+    secrets_cache_ttl: float = 60.0
+    """Seconds a resolved value is reused before the backend is asked again; 0 disables."""
+    secrets_env_prefix: str = "REXEC_SECRET_"
+    """env backend: secret ``name`` is the agent's variable ``<prefix><name>``."""
+    secrets_path: str = "/etc/rexec/secrets"
+    """file backend: a directory with one file per secret (a Kubernetes Secret volume), or a
+    JSON file holding an object of name to value."""
+    secrets_vault_url: str = ""
+    """vault backend: the server; empty means ``VAULT_ADDR``."""
+    secrets_vault_token: str = ""
+    """vault backend: a token; empty means ``VAULT_TOKEN``, or Kubernetes auth with a role."""
+    secrets_vault_role: str = ""
+    """vault backend: Kubernetes auth role (``VAULT_AUTH_ROLE`` when empty)."""
+    secrets_vault_auth_mount: str = "kubernetes"
+    secrets_vault_jwt_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    secrets_vault_mount: str = "secret"
+    """vault backend: mount point of the KV version 2 engine."""
+    secrets_vault_path: str = "rexec"
+    """vault backend: secret ``name`` is read at ``<mount>/data/<path>/<name>``."""
+    secrets_vault_field: str = "value"
+    """vault backend: the key holding the value; a secret without it is used whole, as JSON."""
+    secrets_name_prefix: str = ""
+    """aws, gcp and azure backends: secret ``name`` is looked up as ``<prefix><name>``."""
+    secrets_aws_region: str = ""
+    """aws backend: empty means boto3's own (``AWS_REGION``, the instance's region...)."""
+    secrets_gcp_project: str = ""
+    """gcp backend: empty means ``GOOGLE_CLOUD_PROJECT`` or the credentials' project."""
+    secrets_azure_vault_url: str = ""
+    """azure backend: ``https://<vault>.vault.azure.net``; empty means ``AZURE_KEYVAULT_URL``."""
+
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Settings from ``REXEC_<FIELD>`` variables, then explicit overrides."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Iterable
 
 from cryptography.exceptions import InvalidSignature
@@ -18,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 SIGNATURE_HEADER = "x-rexec-signature"
+_SIGNATURE = re.compile(r"[A-Za-z0-9_-]{86}")
+"""64 bytes in unpadded URL-safe base64."""
 """AMQP header carrying the signature of the message body."""
 
 
@@ -76,10 +79,11 @@ class Verifier:
             signature = signature.decode(errors="replace")
         if not isinstance(signature, str):
             raise SignatureError("malformed signature header: not text")
-        try:
-            raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
-        except (binascii.Error, ValueError):
-            raise SignatureError("malformed signature header: not base64") from None
+        if not _SIGNATURE.fullmatch(signature):
+            raise SignatureError(
+                "malformed signature header: not an Ed25519 signature in URL-safe base64"
+            )
+        raw = base64.urlsafe_b64decode(signature + "==")
         for key in self._keys:
             try:
                 key.verify(raw, data)

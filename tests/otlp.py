@@ -29,6 +29,8 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.bodies: list[bytes] = []
+        """Every export request as received (decompressed): names, attributes, status, events."""
         self._lock = threading.Lock()
         receiver = self
 
@@ -37,6 +39,8 @@ class OtlpReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
+                with receiver._lock:
+                    receiver.bodies.append(body)
                 request = ExportTraceServiceRequest()
                 request.ParseFromString(body)
                 receiver._add(request)

@@ -50,9 +50,18 @@ from .health import HealthServer
 from .heartbeat import Heartbeat
 from .intake import Intake, Slot, requeue
 from .leases import Claim, ClaimResult, LeaseStore, LostLease, OwnClaims
-from .logstore import LogStore, LogStoreError, Mask, open_store
+from .logstore import LogStore, LogStoreError, open_store
 from .metrics import AgentMetrics, Counters, Outcome, attempt_outcome
 from .reports import Reporter
+from .secrets import (
+    Masker,
+    Resolver,
+    SecretsBackend,
+    SecretsConfigError,
+    build_backend,
+    build_resolver,
+    hidden_env,
+)
 
 log = logging.getLogger("rexec.agent")
 
@@ -125,7 +134,7 @@ class Agent:
         hostname: str | None = None,
         pause_after: float = 1.0,
         return_after: float = 300.0,
-        mask: Mask | None = None,
+        secrets_backend: SecretsBackend | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -145,10 +154,17 @@ class Agent:
             self.logs: LogStore = open_store(settings)
         except LogStoreError as exc:
             raise AgentError(str(exc)) from None
-        self.mask = mask
         self.stats = AgentStats()
         self.metrics = AgentMetrics(self)
-        self._reporter = Reporter(agent_id)
+        try:
+            backend = secrets_backend or build_backend(settings)
+        except SecretsConfigError as exc:
+            raise AgentError(str(exc)) from None
+        self.masker = Masker()
+        """Every secret value this agent resolved: masked in its events and output."""
+        self.secrets: Resolver = build_resolver(settings, self.masker, backend)
+        self.hidden_env = hidden_env(settings, backend)
+        self._reporter = Reporter(agent_id, self.masker)
         self.attempts = Attempts()
         self._stop_flag = False
         self._hurry_flag = False
@@ -336,9 +352,19 @@ class Agent:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._publisher.run)
             async with open_child_pool(
-                self.concurrency, self.settings.max_result_bytes
+                self.concurrency,
+                self.settings.max_result_bytes,
+                masker=self.masker,
+                hidden_env=self.hidden_env,
             ) as children:
-                self._executor = Executor(children, self._reporter, self.logs, self.mask)
+                self._executor = Executor(
+                    children,
+                    self._reporter,
+                    self.logs,
+                    self.masker.mask,
+                    self.secrets,
+                    hidden_env=self.hidden_env,
+                )
                 async with anyio.create_task_group() as work:
                     work.start_soon(self._heartbeat.run)
                     work.start_soon(self._prune_logs)
@@ -361,6 +387,7 @@ class Agent:
                         "agent ready",
                         concurrency=self.concurrency,
                         allow=self.allow,
+                        secrets_backend=self.secrets.backend.name,
                         queue=names.pool_queue(self.pool),
                     )
                     self._serving = True

@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from . import protocol
+from . import context, protocol
 
 PR_SET_PDEATHSIG = 1
 
@@ -74,6 +74,13 @@ class Runner:
         return found  # type: ignore[no-any-return]
 
     def run(self, call: protocol.Call) -> protocol.Outcome:
+        context._bind(call.secrets)
+        try:
+            return self._run(call)
+        finally:
+            context._clear()
+
+    def _run(self, call: protocol.Call) -> protocol.Outcome:
         try:
             function = self.resolve(call.target)
         except TargetNotFound as exc:

@@ -13,21 +13,25 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import anyio
-from anyio.abc import Process, TaskGroup
+from anyio.abc import ByteReceiveStream, Process, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import protocol
 from .environment import task_environment
+from .secrets.masking import Masker
 
 log = logging.getLogger("rexec.agent.children")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _RESPAWN_BACKOFF_MAX = 5.0
+_OUTPUT_LINE_MAX = 64 * 1024
+"""A task's output is forwarded in lines (so a secret is never split across two masked
+pieces); a longer run without a newline is forwarded in pieces of this size."""
 
 Sink = Callable[[str, str], None]
 """Receives a running call's output: ``(stream, text)``."""
@@ -89,9 +93,19 @@ class Child:
 class ChildPool:
     """Hands out idle children; ``call`` runs one call in one of them, cancellation-safe."""
 
-    def __init__(self, size: int, max_result_bytes: int, task_group: TaskGroup) -> None:
+    def __init__(
+        self,
+        size: int,
+        max_result_bytes: int,
+        task_group: TaskGroup,
+        *,
+        masker: Masker | None = None,
+        hidden_env: Iterable[str] = (),
+    ) -> None:
         self.size = size
         self.max_result_bytes = max_result_bytes
+        self.masker = masker if masker is not None else Masker()
+        self.hidden_env = tuple(hidden_env)
         self._tg = task_group
         send, receive = anyio.create_memory_object_stream[Child](size)
         self._idle_send: MemoryObjectSendStream[Child] = send
@@ -111,7 +125,7 @@ class ChildPool:
         ]
 
     def _env(self) -> dict[str, str]:
-        env = task_environment()
+        env = task_environment(hidden_prefixes=self.hidden_env)
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if _PACKAGE_ROOT not in paths:
             paths.append(_PACKAGE_ROOT)
@@ -123,14 +137,40 @@ class ChildPool:
             self.argv(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=None,
+            stderr=subprocess.PIPE,
             env=self._env(),
             start_new_session=True,
         )
+        assert process.stderr is not None
+        self._tg.start_soon(self._forward_output, process.stderr)
         child = Child(process)
         self._all.add(child)
         log.debug("child started", extra={"pid": child.pid})
         return child
+
+    async def _forward_output(self, stream: ByteReceiveStream) -> None:
+        """The task's prints (the child's stderr) go to the agent's stderr, masked."""
+        pending = bytearray()
+        try:
+            async for chunk in stream:
+                pending += chunk
+                cut = pending.rfind(b"\n") + 1
+                if not cut and len(pending) >= _OUTPUT_LINE_MAX:
+                    cut = len(pending)
+                if cut:
+                    self._write_output(bytes(pending[:cut]))
+                    del pending[:cut]
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            if pending:
+                self._write_output(bytes(pending))
+
+    def _write_output(self, data: bytes) -> None:
+        text = self.masker.mask(data.decode(errors="replace"))
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(text)
+            sys.stderr.flush()
 
     async def start(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -212,10 +252,16 @@ def _describe_exit(code: int | None, detail: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_child_pool(size: int, max_result_bytes: int) -> AsyncIterator[ChildPool]:
+async def open_child_pool(
+    size: int,
+    max_result_bytes: int,
+    *,
+    masker: Masker | None = None,
+    hidden_env: Iterable[str] = (),
+) -> AsyncIterator[ChildPool]:
     """A started pool; every child is gone when the block exits."""
     async with anyio.create_task_group() as tg:
-        pool = ChildPool(size, max_result_bytes, tg)
+        pool = ChildPool(size, max_result_bytes, tg, masker=masker, hidden_env=hidden_env)
         try:
             await pool.start()
             yield pool

@@ -22,6 +22,7 @@ from schemas.settings import Settings, load_settings
 from .agent import Agent, AgentError
 from .credentials import registered_settings
 from .registration import RegistrationError, register
+from .secrets import SecretsBackend, SecretsConfigError, build_backend, mask_logs
 
 log = logging.getLogger("rexec.agent.cli")
 
@@ -69,10 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     if not settings.agent_token:
         p.error("no agent token: set REXEC_AGENT_TOKEN (create one with `rexec token create`)")
+    try:
+        backend = build_backend(settings)  # before registering: a misconfiguration is ours
+    except SecretsConfigError as exc:
+        print(f"rexec-agent: {exc}", file=sys.stderr)
+        return 1
     logs.configure()
     tracing.configure("rexec-agent")
     try:
-        anyio.run(_serve, settings, options)
+        anyio.run(_serve, settings, options, backend)
     except (RegistrationError, AgentError) as exc:
         print(f"rexec-agent: {exc}", file=sys.stderr)
         return 1
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve(settings: Settings, options: argparse.Namespace) -> None:
+async def _serve(settings: Settings, options: argparse.Namespace, backend: SecretsBackend) -> None:
     hostname = socket.gethostname()
     registered = await register(
         settings,
@@ -120,7 +126,9 @@ async def _serve(settings: Settings, options: argparse.Namespace) -> None:
         concurrency=options.concurrency,
         drain_timeout=options.drain_timeout,
         hostname=hostname,
+        secrets_backend=backend,
     )
+    mask_logs(agent.masker)  # every log line of the agent, from here on
     failure: AgentError | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, agent)

@@ -4,7 +4,8 @@ stdout and stderr are read from separate pipes, so the attempt's log (``sink``) 
 apart; the result's ``output`` tail is both, in the order the chunks arrived.
 
 The process group lets the agent kill the command together with anything it started, which
-is what a timeout or a cancel must do.
+is what a timeout or a cancel must do. The secrets the task named are in its environment, each
+under its own name; the output tail that goes back is masked by the agent's ``Reporter``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import anyio
 import anyio.abc
@@ -31,8 +32,13 @@ _json = msgspec.json.Encoder()
 Sink = Callable[[str, str], None]
 
 
-async def run_command(argv: list[str], sink: Sink | None = None) -> protocol.Outcome:
-    """Run to completion; on cancellation (timeout, cancel) kill the whole group first."""
+async def run_command(
+    argv: list[str], sink: Sink | None = None, *, env: Mapping[str, str] | None = None
+) -> protocol.Outcome:
+    """Run to completion; on cancellation (timeout, cancel) kill the whole group first.
+
+    ``sink`` gets each line of output with its stream; ``env`` is the environment (default:
+    the agent's, minus its credentials)."""
     try:
         process = await anyio.open_process(
             argv,
@@ -40,7 +46,7 @@ async def run_command(argv: list[str], sink: Sink | None = None) -> protocol.Out
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            env=task_environment(),
+            env=dict(env) if env is not None else task_environment(),
         )
     except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
         return protocol.failure(

@@ -2,12 +2,14 @@
 
 A task is customer code, but it must not be able to act as the agent: with the agent's token
 or broker and Redis URLs it could forge heartbeats or events, which least privilege forbids.
+Neither may it read the secrets backend's credentials or settings (``hidden_prefixes``), nor
+secrets it did not name: a command task gets exactly the secrets it named, added by the caller.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 AGENT_SECRETS = frozenset(
     {
@@ -18,8 +20,14 @@ AGENT_SECRETS = frozenset(
         "REXEC_API_KEY",
     }
 )
+ALWAYS_HIDDEN_PREFIXES = ("REXEC_SECRETS_", "REXEC_SECRET_")
 
 
-def task_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+def task_environment(
+    base: Mapping[str, str] | None = None, *, hidden_prefixes: Iterable[str] = ()
+) -> dict[str, str]:
     source = os.environ if base is None else base
-    return {k: v for k, v in source.items() if k not in AGENT_SECRETS}
+    prefixes = (*ALWAYS_HIDDEN_PREFIXES, *(p for p in hidden_prefixes if p))
+    return {
+        k: v for k, v in source.items() if k not in AGENT_SECRETS and not k.startswith(prefixes)
+    }

@@ -3,12 +3,17 @@
 The attempt runs inside its cancel scope: the deadline is the task's timeout, and a stop
 (cancel, lease lost, shutdown) cancels the scope. Either way the runner kills the process, and
 the stop reason, or the deadline, decides the event.
+
+The secrets a task names are resolved first, inside the same scope: one that cannot be
+resolved fails the attempt before its code runs. A command gets them in its environment, a
+function through ``worker.context.secret``; the ``Reporter`` masks their values in the event.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Iterable
 
 import anyio
 import msgspec
@@ -20,8 +25,10 @@ from .attempts import Attempt, StopReason
 from .capture import AttemptCapture, ending_note
 from .children import ChildDied, ChildPool, Sink
 from .command import run_command
+from .environment import task_environment
 from .logstore import LogStore, Mask
 from .reports import Reporter
+from .secrets import Resolver, SecretError
 
 log = logging.getLogger("rexec.agent.execution")
 
@@ -33,12 +40,16 @@ class Executor:
         reporter: Reporter,
         logs: LogStore | None = None,
         mask: Mask | None = None,
+        resolver: Resolver | None = None,
+        hidden_env: Iterable[str] = (),
     ) -> None:
         self.children = children
         self.reporter = reporter
         self.logs = logs
         self.mask = mask
         """Applied to every log line before it is written (secret masking)."""
+        self.resolver = resolver
+        self.hidden_env = tuple(hidden_env)
 
     async def execute(self, attempt: Attempt) -> messages.TaskEvent | None:
         """The attempt's terminal event, or None when it is no longer ours to report."""
@@ -63,12 +74,29 @@ class Executor:
             event = msgspec.structs.replace(event, log_tail=log_tail, log_ref=log_ref)
         return event
 
+    async def _secrets(self, task: messages.TaskMessage) -> dict[str, str]:
+        if not task.secrets:
+            return {}
+        if self.resolver is None:
+            raise SecretError("this agent has no secrets backend", retryable=False)
+        return await self.resolver.resolve(task.secrets)
+
     async def _run(self, task: messages.TaskMessage, sink: Sink) -> protocol.Outcome:
         try:
+            secrets = await self._secrets(task)
+        except SecretError as exc:
+            self._log(logging.WARNING, "task secrets unavailable", task, error=str(exc))
+            return protocol.failure(exc.error_type, str(exc), retryable=exc.retryable)
+        try:
             if task.kind == "command":
-                return await run_command(task.argv, sink)
+                env = task_environment(hidden_prefixes=self.hidden_env)
+                env.update(secrets)
+                return await run_command(task.argv, sink, env=env)
             return await self.children.call(
-                protocol.Call(target=task.target, args=task.args, kwargs=task.kwargs), sink
+                protocol.Call(
+                    target=task.target, args=task.args, kwargs=task.kwargs, secrets=secrets
+                ),
+                sink,
             )
         except ChildDied as exc:
             self._log(logging.ERROR, "child process died", task, error=str(exc))

@@ -22,6 +22,9 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     target: str
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
+    secrets: dict[str, str] = {}
+    """The values of the secrets the task named, for ``worker.context.secret`` during the call;
+    they travel only over the private pipe to the child."""
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag="outcome"):

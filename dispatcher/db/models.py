@@ -122,6 +122,8 @@ class Task(Base):
     argv_json: Mapped[str] = mapped_column(Text, default="[]")
     args_json: Mapped[str] = mapped_column(Text, default="[]")
     kwargs_json: Mapped[str] = mapped_column(Text, default="{}")
+    secrets_json: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    """Names of the secrets the agent resolves for the task (values never reach this plane)."""
     state: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     max_attempts: Mapped[int] = mapped_column(Integer)

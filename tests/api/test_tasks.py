@@ -364,3 +364,43 @@ async def test_waiting_on_ten_thousand_ids_fits_in_one_request(
     response = await api.post("/v1/tasks/wait", json={"ids": ids, "wait": 0})
     assert response.status_code == 200, response.text
     assert len(response.json()["tasks"]) == 10_000
+
+
+async def test_a_task_names_its_secrets_and_only_names_reach_the_wire(
+    api: httpx.AsyncClient, runtime: Runtime, pool: str
+) -> None:
+    from dispatcher.relay import task_message
+
+    response = await submit(api, pool, secrets=["db_password", "PGPASSWORD"])
+    assert response.status_code == 201, response.text
+    task = response.json()
+    assert task["secrets"] == ["db_password", "PGPASSWORD"]
+    plain = (await submit(api, pool)).json()
+    assert plain["secrets"] == []
+    async with runtime.sessions() as session:
+        row = await session.get(Task, task["id"])
+        plain_row = await session.get(Task, plain["id"])
+        assert row is not None and plain_row is not None
+        assert task_message(row, 1).secrets == ["db_password", "PGPASSWORD"]
+        assert b"secrets" not in messages.encode(task_message(plain_row, 1))
+
+
+@pytest.mark.parametrize(
+    ("secrets", "message"),
+    [
+        (["db-password"], "invalid secret name 'db-password'"),
+        (["ok", "ok"], "secret 'ok' is named twice"),
+        ([f"s{i}" for i in range(65)], "at most 64 secrets"),
+    ],
+)
+async def test_bad_secret_names_are_a_clear_422(
+    api: httpx.AsyncClient, runtime: Runtime, pool: str, secrets: list[str], message: str
+) -> None:
+    response = await submit(api, pool, secrets=secrets)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["error"]
+    batch = await api.post(
+        "/v1/tasks/batch", json={"tasks": [{"pool": pool, "target": "a:b", "secrets": secrets}]}
+    )
+    assert batch.status_code == 422 and message in batch.json()["error"]
+    assert await count_tasks(runtime, pool) == 0

@@ -253,3 +253,19 @@ async def test_top_once_says_when_the_api_is_unreachable(
     out = capsys.readouterr().out
     assert code == 1
     assert "API error" in out and "unreachable" in out
+
+
+async def test_submit_names_secrets_and_bad_names_are_refused(
+    api_url: str, runtime: Runtime, pool_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rexec = Cli(api_url, capsys)
+    code, _, err = await rexec("pool", "create", pool_name)
+    assert code == 0, err
+    code, out, err = await rexec(
+        "submit", "--pool", pool_name, "--secret", "db_password", "--secret", "API_KEY", "m:f"
+    )
+    assert code == 0, err
+    status = await rexec.json("status", out.strip())
+    assert status["secrets"] == ["db_password", "API_KEY"]
+    code, _, err = await rexec("submit", "--pool", pool_name, "--secret", "db-password", "m:f")
+    assert code == 1 and "invalid secret name 'db-password'" in err

@@ -54,7 +54,7 @@ async def test_a_claim_whose_reply_was_lost_still_runs(
     the task (its delivery acked, nothing ever started)."""
     async with running_agent(broker, agent_settings, pool) as agent:
         message = task(pool)
-        redis_client.set(keys.lease(message.task_id, 1), agent.agent_id, ex=60)
+        redis_client.set(keys.lease(pool, message.task_id, 1), agent.agent_id, ex=60)
         redis_client.sadd(keys.agent_leases(agent.agent_id), member(message.task_id, 1))
         event = await broker.run(pool, message)
         assert isinstance(event, messages.Succeeded)

@@ -10,6 +10,7 @@ import pytest
 from schemas import messages
 from schemas.settings import Settings
 from tests.worker.harness import Broker, running_agent, task
+from worker.secrets.env import EnvBackend
 
 pytestmark = pytest.mark.anyio
 
@@ -82,13 +83,11 @@ async def test_a_log_past_its_cap_is_cut_and_says_so_and_masking_applies(
     import msgspec
 
     settings = msgspec.structs.replace(agent_settings, log_max_bytes=2000)
-    async with running_agent(
-        broker, settings, pool, allow=["sh"], mask=lambda line: line.replace("hunter2", "***")
-    ):
-        script = (
-            "echo password=hunter2; i=0; while [ $i -lt 500 ]; do echo line-$i; i=$((i+1)); done"
-        )
-        event = await broker.run(pool, task(pool, argv=["sh", "-c", script]))
+    secrets = EnvBackend("REXEC_SECRET_", {"REXEC_SECRET_pw": "hunter2"})
+    async with running_agent(broker, settings, pool, allow=["sh"], secrets_backend=secrets):
+        script = "echo password=$pw; i=0; while [ $i -lt 500 ]; do echo line-$i; i=$((i+1)); done"
+        message = msgspec.structs.replace(task(pool, argv=["sh", "-c", script]), secrets=["pw"])
+        event = await broker.run(pool, message)
         assert isinstance(event, messages.Succeeded)
         path = Path(settings.log_dir) / event.log_ref.removeprefix("dir:")
         text = path.read_text()
