@@ -25,6 +25,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas.api import SubmitTask, TaskState
+from tests.conftest import ADMIN_HEADERS
 from tests.e2e.conftest import Plane
 from tests.support import free_port, http_ready, wait_until
 
@@ -257,7 +258,7 @@ def rabbitmq_paths() -> list[tuple[str, dict[str, list[str]]]]:
 
 
 def scrape(source: str, url: str, params: dict[str, list[str]] | None = None) -> Scrape:
-    response = httpx.get(url, params=params, timeout=30)
+    response = httpx.get(url, params=params, headers=ADMIN_HEADERS, timeout=30)
     assert response.status_code == 200, f"{source}: {url} answered HTTP {response.status_code}"
     return Scrape.parse(source, response.text)
 

@@ -61,7 +61,11 @@ class Plane:
         }
         self.processes: list[Process] = []
         self.dispatcher = self.start_dispatcher()
-        self.client = RexecClient(self.settings.api_url, ca_file=self.settings.ca_file)
+        self.client = RexecClient(
+            self.settings.api_url,
+            api_key=self.settings.api_key or BOOTSTRAP_KEY,
+            ca_file=self.settings.ca_file,
+        )
 
     def start_dispatcher(self, api_port: int | None = None) -> Process:
         """A ``rexec serve``; another replica when ``api_port`` differs from the first's."""

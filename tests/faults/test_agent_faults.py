@@ -139,20 +139,18 @@ def test_late_results_of_a_hung_agent_are_rejected_and_counted(
     plane: Plane, pool_name: str, tmp_path: Path
 ) -> None:
     victim = start_victim(plane, pool_name, concurrency=3)
-    runs = tmp_path / "runs"
-    runs.mkdir()
+    release = tmp_path / "release"  # the tasks run until it exists: as long as the test needs
     ids = [
-        plane.client.submit(
-            pool_name, "tests.faults.tasks:record", args=[str(runs), f"t{i}", 1.0]
-        ).id
-        for i in range(3)
+        plane.client.submit(pool_name, "tests.faults.tasks:hold", args=[str(release)]).id
+        for _ in range(3)
     ]
     running_on(plane, ids)
     plane.start_agent(pool_name, "--concurrency", "3", *ALLOW, name="survivor")
     online(plane, pool_name, 2)
     before = stale_events(plane)
 
-    victim.signal(signal.SIGSTOP)  # its children finish while it is stopped; results wait in pipes
+    victim.signal(signal.SIGSTOP)
+    release.touch()  # its children finish while it is stopped; their results wait in pipes
     try:
         done = plane.client.wait(ids, timeout=60)
     finally:

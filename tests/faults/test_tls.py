@@ -21,6 +21,7 @@ from client import RexecClient, RexecError
 from dispatcher import cli
 from schemas.api import SubmitTask, TaskState
 from schemas.settings import load_settings
+from tests.conftest import BOOTSTRAP_KEY
 from tests.e2e.conftest import Plane
 from tests.faults.certs import ServerCert, make_other_ca, make_server_cert
 from tests.faults.servers import PrivateRabbit, PrivateRedis
@@ -80,6 +81,7 @@ def plane(
         ca_file=str(certs.ca),
         heartbeat_ttl=2.0,
         watchdog_interval=0.5,
+        api_key=BOOTSTRAP_KEY,
     )
     plane = Plane(settings, logs)
     yield plane

@@ -177,13 +177,15 @@ async def test_revoking_the_token_cuts_the_agent_off(
         response = await api.delete(f"/v1/tokens/{token_id}")
         assert response.status_code == 200, response.text
 
-        async def closed() -> bool:
-            return connection.is_closed
+        async def closed() -> bool:  # the broker closed it (CONNECTION_FORCED)
+            return not connection.connected.is_set()
 
         await await_until(closed, 10, "the revoked agent's AMQP connection to be closed")
         assert anyio.current_time() - started < 10
         with pytest.raises(redis.exceptions.ConnectionError):  # DELUSER dropped it; AUTH fails
             await client.set(runtime.keys.agent(registered.agent_id), "{}", px=3000)
+        with pytest.raises((aiormq.exceptions.AMQPError, RuntimeError)):  # "... closed"
+            await connection.channel()
         with pytest.raises(aio_pika.exceptions.ProbableAuthenticationError):
             await aio_pika.connect(url)
         async with runtime.sessions() as session:
