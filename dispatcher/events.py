@@ -117,18 +117,23 @@ async def dead_letter(
 
 
 async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
-    """Apply a batch of events in one transaction; then stop attempts that must not run."""
+    """Apply a batch of events in one transaction; then stop attempts that must not run.
+
+    Tasks are read as plain rows (locked where the database can) and the transitions written
+    in bulk (``transitions.Changes``), each update fenced by the attempt that was read.
+    """
     now = time.time()
     stop: list[tuple[str, messages.Control]] = []
     retried = False
     task_ids = {e.task_id for e in events if isinstance(e, messages.TaskEvent)}
     async with rt.sessions.begin() as session:
-        tasks: dict[str, Task] = {}
+        tasks: dict[str, transitions.TaskRow] = {}
         if task_ids:
-            result = await session.scalars(
-                select(Task).where(Task.id.in_(task_ids)).with_for_update()
+            result = await session.execute(
+                select(*transitions.ROW_COLUMNS).where(Task.id.in_(task_ids)).with_for_update()
             )
-            tasks = {t.id: t for t in result}
+            tasks = {row.id: transitions.TaskRow.from_row(row) for row in result}
+        changes = transitions.Changes()
         for event in events:
             if isinstance(event, messages.AgentOnline | messages.AgentOffline):
                 state = "online" if isinstance(event, messages.AgentOnline) else "offline"
@@ -158,31 +163,13 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
                         )
                     )
                 continue
-            result_json = error_json = None
-            if isinstance(event, messages.Succeeded):
-                result_json = _json.encode(event.result).decode()
-            elif isinstance(event, messages.Failed):
-                error_json = _json.encode(
-                    {
-                        "type": event.error_type,
-                        "message": event.message,
-                        "traceback": event.traceback,
-                    }
-                ).decode()
-            elif isinstance(event, messages.TimedOut):
-                error_json = _json.encode(
-                    {
-                        "type": "TimedOut",
-                        "message": f"attempt ran longer than its {event.timeout:g}s timeout",
-                    }
-                ).decode()
-            transitions.apply(
-                session, task, decision, now, result_json=result_json, error_json=error_json
-            )
+            result_json, error_json = _outcome_json(event)
+            changes.apply(task, decision, now, result_json=result_json, error_json=error_json)
             _observe(rt, task, decision, event.at)
             if tracing.active():
                 _record_span(task, event, decision)
             retried = retried or decision.retry_in is not None
+        await changes.flush(session)
     rt.notify_applied()
     if retried:
         rt.wake_relay()
@@ -190,7 +177,25 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
         await rt.publish_control(agent_id, control)
 
 
-def _observe(rt: Runtime, task: Task, decision: statemachine.Transition, at: float) -> None:
+def _outcome_json(event: messages.TaskEvent) -> tuple[str | None, str | None]:
+    """The result and error columns an event writes (JSON text, passed through as is)."""
+    if isinstance(event, messages.Succeeded):
+        return _json.encode(event.result).decode(), None
+    if isinstance(event, messages.Failed):
+        error = {"type": event.error_type, "message": event.message, "traceback": event.traceback}
+        return None, _json.encode(error).decode()
+    if isinstance(event, messages.TimedOut):
+        error = {
+            "type": "TimedOut",
+            "message": f"attempt ran longer than its {event.timeout:g}s timeout",
+        }
+        return None, _json.encode(error).decode()
+    return None, None
+
+
+def _observe(
+    rt: Runtime, task: transitions.TaskRow, decision: statemachine.Transition, at: float
+) -> None:
     if decision.to is TaskState.RUNNING:
         rt.metrics.submit_to_start.labels(task.pool).observe(max(0.0, at - task.created_at))
     elif decision.to.terminal and task.started_at is not None:
@@ -199,7 +204,9 @@ def _observe(rt: Runtime, task: Task, decision: statemachine.Transition, at: flo
         )
 
 
-def _record_span(task: Task, event: messages.TaskEvent, decision: statemachine.Transition) -> None:
+def _record_span(
+    task: transitions.TaskRow, event: messages.TaskEvent, decision: statemachine.Transition
+) -> None:
     """A span in the task's trace for each recorded event (retries and takeovers included)."""
     kind = type(event).__name__.lower()
     attributes = tracing.messaging_attributes(

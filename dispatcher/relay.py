@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, Protocol
 
 import aio_pika
 import anyio
@@ -36,7 +37,43 @@ IDLE_POLL = 1.0
 _json = msgspec.json.Decoder()
 
 
-def task_message(task: Task, attempt: int) -> messages.TaskMessage:
+class _TaskFields(Protocol):
+    """What a task message is built from: an ORM ``Task`` or a row of ``RELAY_COLUMNS``."""
+
+    id: str
+    pool: str
+    kind: str
+    target: str
+    argv_json: str
+    args_json: str
+    kwargs_json: str
+    timeout: float | None
+    expires_at: float | None
+    created_at: float
+    trace_parent: str | None
+
+
+RELAY_COLUMNS = (
+    Outbox.id.label("outbox_id"),
+    Outbox.attempt.label("outbox_attempt"),
+    Task.id,
+    Task.pool,
+    Task.kind,
+    Task.target,
+    Task.argv_json,
+    Task.args_json,
+    Task.kwargs_json,
+    Task.timeout,
+    Task.expires_at,
+    Task.created_at,
+    Task.trace_parent,
+    Task.state,
+    Task.attempt,
+)
+"""Read as plain rows (no ORM objects): all a publish needs, and the fencing columns."""
+
+
+def task_message(task: _TaskFields, attempt: int) -> messages.TaskMessage:
     return messages.TaskMessage(
         task_id=task.id,
         attempt=attempt,
@@ -75,7 +112,7 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
     async with rt.sessions() as session:
         rows = (
             await session.execute(
-                select(Outbox, Task)
+                select(*RELAY_COLUMNS)
                 .join(Task, Task.id == Outbox.task_id)
                 .join(Pool, Pool.name == Task.pool)
                 .where(Outbox.available_at <= now, Pool.draining.is_(False))
@@ -93,10 +130,10 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
             )
     if not rows:
         return 0, next_due
-    live = [(o, t) for o, t in rows if t.state == TaskState.QUEUED and t.attempt == o.attempt]
+    live = [r for r in rows if r.state == TaskState.QUEUED and r.attempt == r.outbox_attempt]
     done, failure = await _publish(rt, exchange, live)
-    live_ids = {o.id for o, _ in live}
-    done.extend(o.id for o, _ in rows if o.id not in live_ids)
+    live_ids = {r.outbox_id for r in live}
+    done.extend(r.outbox_id for r in rows if r.outbox_id not in live_ids)
     if done:
         async with rt.sessions.begin() as session:
             await session.execute(delete(Outbox).where(Outbox.id.in_(done)))
@@ -105,8 +142,20 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
     return len(rows), next_due
 
 
+def build_message(task: _TaskFields, attempt: int) -> aio_pika.Message:
+    """The AMQP message of one attempt: body and properties, built here and nowhere else."""
+    return aio_pika.Message(
+        messages.encode(task_message(task, attempt)),
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=f"{task.id}:{attempt}",
+        type="rexec.task",
+        timestamp=time.time(),
+    )
+
+
 async def _publish(
-    rt: Runtime, exchange: AbstractExchange, rows: Sequence[tuple[Outbox, Task]]
+    rt: Runtime, exchange: AbstractExchange, rows: Sequence[Any]
 ) -> tuple[list[int], Exception | None]:
     """Publish concurrently (confirms pipeline); return the outbox ids the broker confirmed,
     and the first broker error if some publishes failed (they stay in the outbox).
@@ -118,19 +167,10 @@ async def _publish(
     unroutable: set[str] = set()
     failures: list[Exception] = []
 
-    async def one(outbox: Outbox, task: Task) -> None:
-        body = messages.encode(task_message(task, outbox.attempt))
-        message_id = f"{task.id}:{outbox.attempt}"
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            type="rexec.task",
-            timestamp=time.time(),
-        )
+    async def one(task: Any) -> None:
+        message = build_message(task, task.outbox_attempt)
         try:
-            with _send_span(task, outbox.attempt, message):
+            with _send_span(task, task.outbox_attempt, message):
                 await exchange.publish(message, routing_key=task.pool, mandatory=True)
         except DeliveryError:
             unroutable.add(task.pool)
@@ -138,11 +178,11 @@ async def _publish(
         except BROKER_ERRORS as exc:  # broker gone or channel being restored
             failures.append(exc)
             return
-        confirmed.append(outbox.id)
+        confirmed.append(task.outbox_id)
 
     async with anyio.create_task_group() as tg:
-        for outbox, task in rows:
-            tg.start_soon(one, outbox, task)
+        for row in rows:
+            tg.start_soon(one, row)
     if failures:
         return confirmed, failures[0]
     for pool in unroutable:
@@ -153,7 +193,7 @@ async def _publish(
 
 
 @contextmanager
-def _send_span(task: Task, attempt: int, message: aio_pika.Message) -> Iterator[None]:
+def _send_span(task: _TaskFields, attempt: int, message: aio_pika.Message) -> Iterator[None]:
     """The attempt's ``send`` span, child of the task's ``create`` span; its context travels
     in the message's headers to the agent. Nothing at all when tracing is off."""
     if not tracing.active():
