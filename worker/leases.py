@@ -9,15 +9,10 @@ so a Redis restart that lost every key does not orphan running attempts.
 
 from __future__ import annotations
 
-import asyncio
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from schemas.names import RedisKeys
 
@@ -110,92 +105,6 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-@dataclass(slots=True)
-class _Call:
-    script: AsyncScript
-    keys: Sequence[str]
-    args: Sequence[str | int]
-    done: asyncio.Future[Any] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
-class ScriptPipeline:
-    """Sends the script calls made while others are on the wire together, in one pipeline.
-
-    Each call is still one Lua script, atomic on its own; only the round trips are shared.
-    Deliveries come in bursts (the prefetch), so claims and releases batch well, which
-    saves the agent and Redis a write and a wake-up per task.
-    """
-
-    def __init__(self, redis: Redis) -> None:
-        self.redis = redis
-        self._pending: list[_Call] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.round_trips = 0
-
-    async def call(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]
-    ) -> Any:
-        call = _Call(script, keys, args)
-        self._pending.append(call)
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        return await call.done
-
-    async def _flush(self) -> None:
-        try:
-            await asyncio.sleep(0)  # calls made in this turn of the loop join the first batch
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    await self._send(batch)
-                except BaseException as exc:
-                    for call in batch:
-                        _fail(call, exc)
-                    if not isinstance(exc, Exception):
-                        raise
-        finally:
-            self._flusher = None
-            for call in self._pending:  # cancelled while more were queued
-                _fail(call, ConnectionError("lease pipeline stopped"))
-            self._pending = []
-
-    async def _send(self, batch: list[_Call]) -> None:
-        for _ in range(2):
-            pipe = self.redis.pipeline(transaction=False)
-            for call in batch:
-                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
-            self.round_trips += 1
-            results = await pipe.execute(raise_on_error=False)
-            retry: list[_Call] = []
-            for call, result in zip(batch, results, strict=True):
-                if call.done.done():  # its caller was cancelled meanwhile
-                    continue
-                if isinstance(result, NoScriptError):
-                    retry.append(call)
-                elif isinstance(result, Exception):
-                    call.done.set_exception(result)
-                else:
-                    call.done.set_result(result)
-            if not retry:
-                return
-            for script in {id(c.script): c.script for c in retry}.values():
-                script.sha = await self.redis.script_load(script.script)
-            batch = retry
-        for call in batch:
-            _fail(call, NoScriptError("lease script not loaded after a retry"))
-
-
-def _fail(call: _Call, exc: BaseException) -> None:
-    if call.done.done():
-        return
-    if isinstance(exc, asyncio.CancelledError):
-        call.done.cancel()
-    else:
-        call.done.set_exception(exc)
-
-
 class LeaseStore:
     """The agent's side of the lease protocol."""
 
@@ -203,7 +112,6 @@ class LeaseStore:
         self.redis = redis
         self.keys = keys
         self.agent_id = agent_id
-        self.pipeline = ScriptPipeline(redis)
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
         self._abandon = redis.register_script(_ABANDON)
@@ -212,22 +120,20 @@ class LeaseStore:
         """Releases that failed (Redis unreachable); retried on each heartbeat."""
 
     async def claim(self, task_id: str, attempt: int) -> ClaimResult:
-        raw = await self.pipeline.call(
-            self._claim,
-            [
+        raw = await self._claim(
+            keys=[
                 self.keys.lease(task_id, attempt),
                 self.keys.cancelled(task_id),
                 self.keys.agent_leases(self.agent_id),
             ],
-            [self.agent_id, LEASE_TTL, self.keys.agent(""), member(task_id, attempt)],
+            args=[self.agent_id, LEASE_TTL, self.keys.agent(""), member(task_id, attempt)],
         )
         return ClaimResult(Claim(_text(raw[0])), _text(raw[1]))
 
     async def release(self, task_id: str, attempt: int) -> None:
-        await self.pipeline.call(
-            self._release,
-            [self.keys.lease(task_id, attempt), self.keys.agent_leases(self.agent_id)],
-            [self.agent_id, RELEASED_TTL, member(task_id, attempt)],
+        await self._release(
+            keys=[self.keys.lease(task_id, attempt), self.keys.agent_leases(self.agent_id)],
+            args=[self.agent_id, RELEASED_TTL, member(task_id, attempt)],
         )
 
     async def abandon(self, task_id: str, attempt: int) -> None:
