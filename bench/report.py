@@ -42,6 +42,21 @@ COLUMNS: dict[str, list[tuple[str, str]]] = {
     ],
 }
 COLUMNS["w4"] = COLUMNS["w3"]
+COLUMNS["w5"] = [
+    ("tasks", "tasks"),
+    ("pools", "pools"),
+    ("agent processes", "agent_processes"),
+    ("completed", "completed"),
+    ("queue s", "queue_s"),
+    ("run s", "run_s"),
+    ("tasks/s", "tasks_per_s"),
+    ("dispatcher idle MiB", "dispatcher_idle_mib"),
+    ("dispatcher queued MiB", "dispatcher_queued_mib"),
+    ("dispatcher peak MiB", "dispatcher_peak_mib"),
+    ("agent median MiB", "agent_median_mib"),
+    ("agent max MiB", "agent_max_mib"),
+    ("agent's child MiB", "agent_children_median_mib"),
+]
 
 
 def results_path(date: dt.date, quick: bool) -> Path:

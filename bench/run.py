@@ -1,4 +1,4 @@
-"""Run the benchmark: ``python -m bench.run [--workloads w1,w2,w3,w4] [--systems ...] ...``.
+"""Run the benchmark: ``python -m bench.run [--workloads w1,w2,w3,w4,w5] [--systems ...] ...``.
 
 Within each repetition every workload runs for every system in turn (the order rotates between
 repetitions), each run in its own RabbitMQ vhost and Redis prefix with its own workers. Prints
@@ -30,7 +30,7 @@ from bench.procs import stop_all
 from bench.stats import median_figures
 from bench.systems import SYSTEMS
 from bench.systems.base import System
-from bench.workloads import WORKLOADS, Sizes
+from bench.workloads import WORKLOADS, Sizes, applies
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -48,7 +48,7 @@ def load_system(name: str) -> type[System]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--workloads", default="w1,w2,w3,w4", help="comma-separated, w1..w4")
+    parser.add_argument("--workloads", default="w1,w2,w3,w4,w5", help="comma-separated, w1..w5")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated")
     parser.add_argument("--repeat", type=int, default=None, help="runs each (3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             for workload in workloads:
                 title, run_workload = WORKLOADS[workload]
                 for name in order:
+                    if not applies(workload, name):
+                        continue
+                    if workload == "w5" and rep > 0:
+                        continue  # one scale run is enough: it is long and not a comparison
                     t0 = time.monotonic()
                     figures: dict[str, object]
                     with isolated_run(f"{name}-{workload}-r{rep + 1}") as ctx:

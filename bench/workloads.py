@@ -6,6 +6,7 @@ exist, e.g. the failover time when tasks are missing). The caller stops the work
 
 - W1 throughput: ``n`` no-op tasks, from the first submit until the submitter knows every result.
 - W2 latency: ``rate`` tasks/s for ``seconds``; submit-to-start and submit-to-result percentiles.
+- W5 scale (rexec only): see ``bench.scale``.
 - W3/W4 failover: two workers of concurrency 4, 40 tasks of 2 s; 1.5 s after the first task
   starts, SIGKILL (W3) or SIGSTOP (W4) the worker that started it (its whole process tree);
   results are collected until ``cap`` seconds after the first submit; for W4 the worker gets
@@ -40,10 +41,24 @@ class Sizes:
     failover_concurrency: int = 4
     failover_fault_after: float = 1.5
     failover_cap: float = 120.0
+    scale_tasks: int = 100_000
+    scale_pools: int = 20
+    scale_agents: int = 50
+    scale_concurrency: int = 1
+    scale_timeout: float = 1200.0
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(w1_tasks=2_000, w1_timeout=120.0, w2_seconds=5.0, failover_cap=60.0)
+        return cls(
+            w1_tasks=2_000,
+            w1_timeout=120.0,
+            w2_seconds=5.0,
+            failover_cap=60.0,
+            scale_tasks=5_000,
+            scale_pools=4,
+            scale_agents=8,
+            scale_timeout=300.0,
+        )
 
 
 def _warm_up(system: System, kind: Literal["noop", "stamp"], sink_prefix: str) -> None:
@@ -211,6 +226,15 @@ def hang_failover(system: System, sizes: Sizes) -> dict[str, object]:
     return failover(system, sizes, "stop")
 
 
+def scale(system: System, sizes: Sizes) -> dict[str, object]:
+    from bench.scale import scale as run_scale
+    from bench.systems.rexec_system import RexecSystem
+
+    if not isinstance(system, RexecSystem):
+        raise TypeError(f"W5 scale applies to rexec only, not {system.name}")
+    return run_scale(system, sizes)
+
+
 Workload = Callable[[System, Sizes], dict[str, object]]
 
 WORKLOADS: dict[str, tuple[str, Workload]] = {
@@ -218,4 +242,12 @@ WORKLOADS: dict[str, tuple[str, Workload]] = {
     "w2": ("W2 latency", latency),
     "w3": ("W3 crash failover (SIGKILL)", crash_failover),
     "w4": ("W4 hang failover (SIGSTOP)", hang_failover),
+    "w5": ("W5 scale (rexec only)", scale),
 }
+
+ONLY_FOR: dict[str, frozenset[str]] = {"w5": frozenset({"rexec"})}
+"""Workloads that apply to some systems only (W5 measures rexec's own dispatcher and agents)."""
+
+
+def applies(workload: str, system: str) -> bool:
+    return system in ONLY_FOR.get(workload, frozenset({system}))

@@ -77,6 +77,11 @@ class RexecSystem(System):
             "watchdog_interval": WATCHDOG_INTERVAL,
             "database": "sqlite",
         }
+        self.start_dispatcher()
+        self.client.create_pool(POOL)
+        self.start_agents([POOL] * n_processes, slots)
+
+    def start_dispatcher(self) -> ManagedProcess:
         self.dispatcher = start_module(
             "rexec-dispatcher",
             "dispatcher.cli",
@@ -85,23 +90,34 @@ class RexecSystem(System):
             self.ctx.log_dir / "rexec-dispatcher.log",
         )
         wait_until(self._api_answers, 30, what="rexec serve")
-        self.client.create_pool(POOL)
-        for i in range(n_processes):
-            token = self.client.create_token(POOL, name=f"bench-{i}").secret
-            argv = ["--pool", POOL, "--concurrency", str(slots), "--allow", "bench.tasks:*"]
+        return self.dispatcher
+
+    def start_agents(
+        self, pools: Sequence[str], concurrency: int, timeout: float = 60.0
+    ) -> list[ManagedProcess]:
+        """One ``rexec-agent`` process per entry of ``pools`` (agent i serves ``pools[i]``)."""
+        started: list[ManagedProcess] = []
+        for pool in pools:
+            i = len(self.agents)
+            token = self.client.create_token(pool, name=f"bench-{i}").secret
+            argv = ["--pool", pool, "--concurrency", str(concurrency), "--allow", "bench.tasks:*"]
             env = {**self.env, **self.ctx.worker_env(i), "REXEC_AGENT_TOKEN": token}
-            self.agents.append(
-                start_module(
-                    f"rexec-agent-{i}",
-                    "worker.cli",
-                    argv,
-                    env,
-                    self.ctx.log_dir / f"rexec-agent-{i}.log",
-                )
+            agent = start_module(
+                f"rexec-agent-{i}",
+                "worker.cli",
+                argv,
+                env,
+                self.ctx.log_dir / f"rexec-agent-{i}.log",
             )
+            self.agents.append(agent)
+            started.append(agent)
         wait_until(
-            lambda: self._online() >= n_processes, 60, what=f"{n_processes} rexec agents online"
+            lambda: self._online(None) >= len(self.agents),
+            timeout,
+            interval=0.25,
+            what=f"{len(self.agents)} rexec agents online",
         )
+        return started
 
     def _api_answers(self) -> bool:
         try:
@@ -109,8 +125,8 @@ class RexecSystem(System):
         except httpx.HTTPError:
             return False
 
-    def _online(self) -> int:
-        return sum(agent.state == "online" for agent in self.client.list_agents(pool=POOL))
+    def _online(self, pool: str | None = POOL) -> int:
+        return sum(agent.state == "online" for agent in self.client.list_agents(pool=pool))
 
     def worker_processes(self) -> list[ManagedProcess]:
         return list(self.agents)
