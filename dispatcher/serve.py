@@ -7,9 +7,9 @@ import logging
 import anyio
 import uvicorn
 from aiormq.exceptions import AMQPConnectionError
-from yarl import URL
 
 from schemas import logs, tls, tracing
+from schemas.amqp import BrokerUnreachable, parse_amqp_urls, safe_url
 from schemas.settings import Settings
 
 from . import credentials
@@ -88,12 +88,12 @@ def main(settings: Settings) -> None:
     upgrade(settings.database_url)
     try:
         anyio.run(serve, settings)
-    except AMQPConnectionError as exc:
+    except (AMQPConnectionError, BrokerUnreachable) as exc:
         # A certificate the broker's URL does not trust will not fix itself: say what to set.
         if (problem := tls.certificate_problem(exc)) is None:
             raise
-        url = URL(settings.amqp_url)
-        where = f"RabbitMQ at {url.with_password('***') if url.password else url}"
+        nodes = ", ".join(safe_url(url) for url in parse_amqp_urls(settings.amqp_url))
+        where = f"RabbitMQ at {nodes}"
         raise SystemExit(f"rexec serve: {tls.describe(problem, 'amqp', where)}") from None
     finally:
         tracing.shutdown()

@@ -125,16 +125,20 @@ async def connect_cluster(
     if reconnect_interval is not None:
         options["reconnect_interval"] = reconnect_interval
     failures: list[str] = []
+    last: BaseException | None = None
     for start in nodes:
         connection = ClusterConnection(start, nodes=nodes, **options)
         try:
             await connection.connect(timeout=attempt_timeout)
         except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
             failures.append(f"{safe_url(start)}: {_reason(exc)}")
+            last = exc
             await connection.close()
             continue
         return connection
-    raise BrokerUnreachable(f"no RabbitMQ node accepted a connection ({'; '.join(failures)})")
+    raise BrokerUnreachable(
+        f"no RabbitMQ node accepted a connection ({'; '.join(failures)})"
+    ) from last  # the cause tells a certificate problem from a node that is down
 
 
 def _reason(exc: BaseException) -> str:
