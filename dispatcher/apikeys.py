@@ -17,18 +17,14 @@ from schemas.api import ApiKeyCreate, ApiKeyCreated, ApiKeyView, Role
 
 from .db.models import ApiKey
 from .runtime import Runtime
-from .service import Invalid, NotFound, hash_secret
+from .service import Invalid, NotFound, credential_state, hash_secret
 
 KEY_PREFIX = "rexec_ak_"
 NAME_MAX = 200
 
 
 def key_state(key: ApiKey, now: float) -> str:
-    if key.revoked_at is not None:
-        return "revoked"
-    if key.expires_at is not None and key.expires_at <= now:
-        return "expired"
-    return "active"
+    return credential_state(key.revoked_at, key.expires_at, now)
 
 
 def key_view(key: ApiKey, now: float) -> ApiKeyView:

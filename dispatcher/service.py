@@ -151,12 +151,17 @@ def _pool_view(pool: Pool, counts: dict[str, int] | None = None) -> PoolView:
     )
 
 
-def _token_state(token: Token, now: float) -> str:
-    if token.revoked_at is not None:
+def credential_state(revoked_at: float | None, expires_at: float | None, now: float) -> str:
+    """``revoked``, ``expired`` or ``active``: the state of an agent token or an API key."""
+    if revoked_at is not None:
         return "revoked"
-    if token.expires_at is not None and token.expires_at <= now:
+    if expires_at is not None and expires_at <= now:
         return "expired"
     return "active"
+
+
+def _token_state(token: Token, now: float) -> str:
+    return credential_state(token.revoked_at, token.expires_at, now)
 
 
 def _token_view(token: Token, now: float) -> TokenView:
