@@ -79,7 +79,8 @@ def redis_prefix(run_id: str) -> Iterator[str]:
     prefix = f"rexec-test-{run_id}"
     yield prefix
     client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+    # Sub-prefixes too: fault tests isolate each test under "<prefix>-<id>".
+    keys = list(client.scan_iter(f"{prefix}*", count=1000))
     if keys:
         client.delete(*keys)
     users = [u for u in map(str, client.acl_users()) if u.startswith(f"{prefix}-")]
