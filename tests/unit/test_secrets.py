@@ -319,11 +319,13 @@ def test_context_secret_gives_named_values_only() -> None:
 
 
 def test_attempts_that_start_together_share_one_backend_call() -> None:
+    import threading
+
+    answer = threading.Event()
+
     class Slow(EnvBackend):
         def lookup(self, name: str) -> str | None:
-            import time
-
-            time.sleep(0.05)  # a backend round trip, in the resolver's worker thread
+            answer.wait(10)  # a backend round trip, held until every attempt is waiting
             return super().lookup(name)
 
     resolver = Resolver(Slow("REXEC_SECRET_", {"REXEC_SECRET_db": "pw"}), SecretCache(60), Masker())
@@ -337,6 +339,8 @@ def test_attempts_that_start_together_share_one_backend_call() -> None:
                     results.append(await resolver.resolve(["db"]))
 
                 tg.start_soon(one)
+            await anyio.wait_all_tasks_blocked()  # all eight are in resolve: one lookup in flight
+            answer.set()
 
     anyio.run(main)
     assert results == [{"db": "pw"}] * 8 and resolver.lookups == 1
