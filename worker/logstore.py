@@ -209,15 +209,13 @@ class DirLogStore:
         return self.root / _key(pool, task_id, attempt)
 
     def open(self, pool: str, task_id: str, attempt: int, mask: Mask | None) -> AttemptLog:
-        path = self.path(pool, task_id, attempt)
-        path.parent.mkdir(parents=True, exist_ok=True)
         key = _key(pool, task_id, attempt)
         self._open.add(key)
-        return _Tracked(
-            path.open("wb"),
+        return _start(
+            self.path(pool, task_id, attempt),
             self.ref(pool, task_id, attempt),
-            max_bytes=self.max_bytes,
-            mask=mask,
+            self.max_bytes,
+            mask,
             on_close=lambda: self._open.discard(key),
         )
 
@@ -260,6 +258,14 @@ class _Tracked(AttemptLog):
             self._on_close()
 
 
+def _start(
+    path: Path, ref: str, max_bytes: int, mask: Mask | None, on_close: Callable[[], None]
+) -> AttemptLog:
+    """A new attempt log written to ``path`` (its directories made as needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _Tracked(path.open("wb"), ref, max_bytes=max_bytes, mask=mask, on_close=on_close)
+
+
 class S3LogStore:
     """Object storage (S3 or compatible): ``s3://bucket/prefix/<pool>/<task_id>/<attempt>.log``.
 
@@ -300,15 +306,12 @@ class S3LogStore:
         return self._spool / _key(pool, task_id, attempt)
 
     def open(self, pool: str, task_id: str, attempt: int, mask: Mask | None) -> AttemptLog:
-        path = self._spooled(pool, task_id, attempt)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = _key(pool, task_id, attempt)
-        self._open.add(key)
-        return _Tracked(
-            path.open("wb"),
+        self._open.add(_key(pool, task_id, attempt))  # until ``finish`` has uploaded it
+        return _start(
+            self._spooled(pool, task_id, attempt),
             self.ref(pool, task_id, attempt),
-            max_bytes=self.max_bytes,
-            mask=mask,
+            self.max_bytes,
+            mask,
             on_close=lambda: None,
         )
 
