@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 
 from client import RexecClient, RexecError
@@ -58,6 +58,13 @@ class Context:
 
     def json(self, value: Any) -> None:
         sys.stdout.write(fmt.to_json(value) + "\n")
+
+    def show(self, as_json: bool, value: Any, table: Callable[[], RenderableType]) -> None:
+        """``value`` as JSON (``--json``), else the table made of it."""
+        if as_json:
+            self.json(value)
+        else:
+            self.out.print(table())
 
     def close(self) -> None:
         if self._client is not None:
@@ -164,10 +171,7 @@ def cmd_pool_update(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_pool_list(args: argparse.Namespace, ctx: Context) -> int:
     pools = ctx.client.list_pools()
-    if args.json:
-        ctx.json(pools)
-    else:
-        ctx.out.print(fmt.pools_table(pools, ctx.out.width))
+    ctx.show(args.json, pools, lambda: fmt.pools_table(pools, ctx.out.width))
     return 0
 
 
@@ -207,10 +211,7 @@ def cmd_token_create(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_token_list(args: argparse.Namespace, ctx: Context) -> int:
     tokens = ctx.client.list_tokens(pool=args.pool)
-    if args.json:
-        ctx.json(tokens)
-    else:
-        ctx.out.print(fmt.tokens_table(tokens))
+    ctx.show(args.json, tokens, lambda: fmt.tokens_table(tokens))
     return 0
 
 
@@ -240,10 +241,7 @@ def cmd_apikey_create(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_apikey_list(args: argparse.Namespace, ctx: Context) -> int:
     keys = ctx.client.list_api_keys()
-    if args.json:
-        ctx.json(keys)
-    else:
-        ctx.out.print(fmt.api_keys_table(keys))
+    ctx.show(args.json, keys, lambda: fmt.api_keys_table(keys))
     return 0
 
 
@@ -289,19 +287,13 @@ def cmd_login(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_audit(args: argparse.Namespace, ctx: Context) -> int:
     entries = ctx.client.audit(limit=args.limit)
-    if args.json:
-        ctx.json(entries)
-    else:
-        ctx.out.print(fmt.audit_table(entries))
+    ctx.show(args.json, entries, lambda: fmt.audit_table(entries))
     return 0
 
 
 def cmd_agents(args: argparse.Namespace, ctx: Context) -> int:
     agents = ctx.client.list_agents(pool=args.pool)
-    if args.json:
-        ctx.json(agents)
-    else:
-        ctx.out.print(fmt.agents_table(agents, ctx.out.width))
+    ctx.show(args.json, agents, lambda: fmt.agents_table(agents, ctx.out.width))
     return 0
 
 
@@ -341,10 +333,7 @@ def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     task = ctx.client.get(args.id)
-    if args.json:
-        ctx.json(task)
-    else:
-        ctx.out.print(fmt.task_detail(task))
+    ctx.show(args.json, task, lambda: fmt.task_detail(task))
     return 0
 
 
@@ -377,19 +366,13 @@ def cmd_cancel(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_tasks(args: argparse.Namespace, ctx: Context) -> int:
     tasks = ctx.client.list_tasks(pool=args.pool, state=args.state, limit=args.limit)
-    if args.json:
-        ctx.json(tasks)
-    else:
-        ctx.out.print(fmt.tasks_table(tasks, width=ctx.out.width))
+    ctx.show(args.json, tasks, lambda: fmt.tasks_table(tasks, width=ctx.out.width))
     return 0
 
 
 def cmd_events(args: argparse.Namespace, ctx: Context) -> int:
     entries = ctx.client.history(args.id)
-    if args.json:
-        ctx.json(entries)
-    else:
-        ctx.out.print(fmt.history_table(args.id, entries))
+    ctx.show(args.json, entries, lambda: fmt.history_table(args.id, entries))
     return 0
 
 
