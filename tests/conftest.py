@@ -51,12 +51,21 @@ def vhost(run_id: str) -> Iterator[str]:
     name = f"rexec-test-{run_id}"
     api = httpx.Client(base_url=MANAGEMENT_URL, auth=("guest", "guest"), timeout=30)
     path = quote(name, safe="")
-    api.put(f"/api/vhosts/{path}").raise_for_status()
+    try:
+        api.put(f"/api/vhosts/{path}").raise_for_status()
+    except httpx.TimeoutException as exc:
+        raise RuntimeError(
+            f"RabbitMQ did not create vhost {name} within 30 s: the broker is wedged "
+            "(out of file handles? `rabbitmqctl eval 'file_handle_cache:info().'` tells)"
+        ) from exc
     api.put(
         f"/api/permissions/{path}/guest",
         json={"configure": ".*", "write": ".*", "read": ".*"},
     ).raise_for_status()
+    global _session_vhost
+    _session_vhost = name
     yield name
+    _session_vhost = None
     # Agents' broker users outlive the vhost: remove the ones this session's agents were given.
     permissions = api.get(f"/api/vhosts/{path}/permissions")
     if permissions.is_success:
@@ -67,6 +76,30 @@ def vhost(run_id: str) -> Iterator[str]:
     # a leftover empty vhost disturbs nobody.
     with contextlib.suppress(httpx.TimeoutException):
         api.delete(f"/api/vhosts/{path}")
+
+
+_session_vhost: str | None = None
+"""The session's vhost once a test asked for it."""
+
+
+@pytest.fixture(autouse=True)
+def queues_deleted_after_each_test() -> Iterator[None]:
+    """Delete the queues a test declared in the session's vhost once it ends.
+
+    Every quorum queue reserves broker file handles for as long as it lives. A broker started
+    with 1,024 descriptors (this machine's, through PAM) holds about 300 of them; past that,
+    vhost creation and new channels block forever. Tests within one session run one at a time,
+    so everything in the vhost at a test's end is that test's own.
+    """
+    yield
+    if _session_vhost is None:
+        return
+    path = quote(_session_vhost, safe="")
+    with httpx.Client(base_url=MANAGEMENT_URL, auth=("guest", "guest"), timeout=30) as api:
+        listed = api.get(f"/api/queues/{path}", params={"columns": "name"})
+        listed.raise_for_status()
+        for queue in listed.json():
+            api.delete(f"/api/queues/{path}/{quote(queue['name'], safe='')}")
 
 
 @pytest.fixture(scope="session")

@@ -302,3 +302,17 @@ async def test_metrics_describe_tasks_queues_and_agents(
     assert f'rexec_agents_live{{pool="{pool}"}} 1.0' in text
     assert 'rexec_stale_events_total{reason="stale_attempt"} 1.0' in text
     assert "rexec_submit_to_start_seconds_bucket" in text or "rexec_submit_to_start_seconds" in text
+
+
+async def test_a_missing_pool_queue_hides_only_that_pools_depth(
+    api: httpx.AsyncClient, runtime: Runtime, pool_name: str
+) -> None:
+    gone, pool = f"a{pool_name}", pool_name  # the missing one first, by name and by age
+    for name in (gone, pool):
+        assert (await api.post("/v1/pools", json={"name": name})).status_code == 201
+    channel = await runtime.connection.channel()
+    await channel.queue_delete(names.pool_queue(gone))
+    await channel.close()
+    text = (await api.get("/metrics")).text
+    assert f'rexec_queue_depth{{pool="{pool}"}} 0.0' in text
+    assert f'rexec_queue_depth{{pool="{gone}"}}' not in text
