@@ -366,6 +366,7 @@ class Agent:
                     hidden_env=self.hidden_env,
                 )
                 async with anyio.create_task_group() as work:
+                    work.start_soon(self._leases.run)
                     work.start_soon(self._heartbeat.run)
                     work.start_soon(self._prune_logs)
                     await self._emit(

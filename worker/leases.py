@@ -12,8 +12,10 @@ from __future__ import annotations
 import enum
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
+import anyio
 from redis.asyncio import Redis
 
 from schemas.names import RedisKeys
@@ -22,33 +24,49 @@ LEASE_TTL = 24 * 3600
 """Seconds a lease lives while held: long, so keys never leak; re-asserted on every beat."""
 RELEASED_TTL = 600
 """Seconds a released lease lingers, so a late duplicate delivery is still recognised."""
+MAX_BATCH = 256
+"""Claims and releases sent in one script call at most."""
 
-_CLAIM = """
--- KEYS: lease, agent's lease set. ARGV: agent id, ttl, heartbeat key prefix, set member,
--- cancel marker. Returns {outcome, previous holder}. The keys only read (the marker, the
--- holder's heartbeat) are not KEYS: Redis' ACL takes every declared key as written, and an
--- agent may only read those.
-if redis.call('EXISTS', ARGV[5]) == 1 then
-  return {'cancelled', ''}
-end
-local holder = redis.call('GET', KEYS[1])
-if holder then
-  if holder == ARGV[1] or redis.call('EXISTS', ARGV[3] .. holder) == 1 then
-    return {'duplicate', holder}
+_BATCH = """
+-- Claims and releases of one agent in one call (one round trip for every attempt that
+-- reached this point in the same moment). KEYS: the agent's lease set, then one lease key
+-- per operation. ARGV: agent id, lease ttl, lingering ttl, heartbeat key prefix, then per
+-- operation its kind ('claim' or 'release'), set member and cancel marker ('' for a
+-- release). Returns {outcome, previous holder} per operation, flattened.
+-- A claim finds the attempt cancelled, held (by this agent or a live one: a duplicate) or
+-- free (never held, or held by an agent whose heartbeat key is gone: taken over). A release
+-- keeps the lease key a while (RELEASED_TTL) so a late duplicate is still recognised.
+-- The keys only read (cancel markers, holders' heartbeats) are not KEYS: Redis' ACL takes
+-- every declared key as written, and an agent may only read those.
+local out = {}
+for i = 2, #KEYS do
+  local base = 4 + 3 * (i - 2)
+  local kind, member, marker = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local lease = KEYS[i]
+  if kind == 'release' then
+    redis.call('SREM', KEYS[1], member)
+    if redis.call('GET', lease) == ARGV[1] then
+      redis.call('EXPIRE', lease, ARGV[3])
+    end
+    table.insert(out, 'released')
+    table.insert(out, '')
+  elseif redis.call('EXISTS', marker) == 1 then
+    table.insert(out, 'cancelled')
+    table.insert(out, '')
+  else
+    local holder = redis.call('GET', lease)
+    if holder and (holder == ARGV[1] or redis.call('EXISTS', ARGV[4] .. holder) == 1) then
+      table.insert(out, 'duplicate')
+      table.insert(out, holder)
+    else
+      redis.call('SET', lease, ARGV[1], 'EX', ARGV[2])
+      redis.call('SADD', KEYS[1], member)
+      table.insert(out, 'claimed')
+      table.insert(out, holder or '')
+    end
   end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[4])
-return {'claimed', holder or ''}
-"""
-
-_RELEASE = """
--- KEYS: lease, agent's lease set. ARGV: agent id, lingering ttl, set member.
-redis.call('SREM', KEYS[2], ARGV[3])
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-return 1
+return out
 """
 
 _ABANDON = """
@@ -101,6 +119,24 @@ class LostLease:
     holder: str
 
 
+@dataclass(eq=False)
+class _Operation:
+    kind: Literal["claim", "release"]
+    task_id: str
+    attempt: int
+    done: anyio.Event = field(default_factory=anyio.Event)
+    outcome: ClaimResult | None = None
+    error: Exception | None = None
+
+    def settle(self, outcome: ClaimResult | None = None, error: Exception | None = None) -> None:
+        self.outcome, self.error = outcome, error
+        self.done.set()
+
+
+class LeaseStoreStopped(ConnectionError):
+    """A claim or release asked of a lease store whose sender has stopped (shutdown)."""
+
+
 def member(task_id: str, attempt: int) -> str:
     return f"{task_id}:{attempt}"
 
@@ -117,37 +153,78 @@ class LeaseStore:
         self.keys = keys
         self.pool = pool
         self.agent_id = agent_id
-        self._claim = redis.register_script(_CLAIM)
-        self._release = redis.register_script(_RELEASE)
+        self._batch = redis.register_script(_BATCH)
         self._abandon = redis.register_script(_ABANDON)
         self._reassert = redis.register_script(_REASSERT)
         self.pending_releases: set[tuple[str, int]] = set()
         """Releases that failed (Redis unreachable); retried on each heartbeat."""
+        self._queued: list[_Operation] = []
+        self._wakeup = anyio.Event()
+        self._stopped = False
 
     async def claim(self, task_id: str, attempt: int) -> ClaimResult:
-        raw = await self._claim(
-            keys=[
-                self.keys.lease(self.pool, task_id, attempt),
-                self.keys.agent_leases(self.agent_id),
-            ],
-            args=[
-                self.agent_id,
-                LEASE_TTL,
-                self.keys.agent(""),
-                member(task_id, attempt),
-                self.keys.cancelled(self.pool, task_id),
-            ],
-        )
-        return ClaimResult(Claim(_text(raw[0])), _text(raw[1]))
+        operation = await self._submit("claim", task_id, attempt)
+        assert operation.outcome is not None
+        return operation.outcome
 
     async def release(self, task_id: str, attempt: int) -> None:
-        await self._release(
-            keys=[
-                self.keys.lease(self.pool, task_id, attempt),
-                self.keys.agent_leases(self.agent_id),
-            ],
-            args=[self.agent_id, RELEASED_TTL, member(task_id, attempt)],
-        )
+        await self._submit("release", task_id, attempt)
+
+    async def _submit(
+        self, kind: Literal["claim", "release"], task_id: str, attempt: int
+    ) -> _Operation:
+        if self._stopped:
+            raise LeaseStoreStopped("the lease store has stopped")
+        operation = _Operation(kind, task_id, attempt)
+        self._queued.append(operation)
+        self._wakeup.set()
+        await operation.done.wait()
+        if operation.error is not None:
+            raise operation.error
+        return operation
+
+    async def run(self) -> None:
+        """Send the queued claims and releases, one script call (one round trip) per batch.
+
+        One batch is in flight at a time: what queues up meanwhile goes in the next, so under
+        load one call carries the claims and releases of many attempts."""
+        in_flight: list[_Operation] = []
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = anyio.Event()
+                while self._queued:
+                    in_flight = self._queued[:MAX_BATCH]
+                    del self._queued[:MAX_BATCH]
+                    await self._send(in_flight)
+                    in_flight = []
+        finally:
+            self._stopped = True
+            for operation in [*in_flight, *self._queued]:
+                if not operation.done.is_set():
+                    operation.settle(error=LeaseStoreStopped("the lease store stopped"))
+            self._queued.clear()
+
+    async def _send(self, operations: list[_Operation]) -> None:
+        args: list[str | int] = [self.agent_id, LEASE_TTL, RELEASED_TTL, self.keys.agent("")]
+        for op in operations:
+            marker = self.keys.cancelled(self.pool, op.task_id) if op.kind == "claim" else ""
+            args += [op.kind, member(op.task_id, op.attempt), marker]
+        try:
+            raw = await self._batch(
+                keys=[self.keys.agent_leases(self.agent_id)]
+                + [self.keys.lease(self.pool, op.task_id, op.attempt) for op in operations],
+                args=args,
+            )
+        except Exception as exc:  # each caller decides: retry, hand back, or keep for later
+            for op in operations:
+                op.settle(error=exc)
+            return
+        for i, op in enumerate(operations):
+            if op.kind == "claim":
+                op.settle(ClaimResult(Claim(_text(raw[2 * i])), _text(raw[2 * i + 1])))
+            else:
+                op.settle()
 
     async def abandon(self, task_id: str, attempt: int) -> None:
         """Undo a claim of an attempt that never started, so another agent can claim it."""
