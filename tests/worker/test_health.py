@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import quote
 
-import anyio
 import httpx
 import msgspec
 import pytest
@@ -87,7 +87,11 @@ async def grant(api: httpx.AsyncClient, vhost: str, user: str) -> None:
 
 
 async def test_not_ready_while_the_broker_connection_is_down(
-    broker: Broker, agent_settings: Settings, pool: str, vhost: str
+    broker: Broker,
+    agent_settings: Settings,
+    pool: str,
+    vhost: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The agent's connection is closed (as the watchdog or a broker restart would) and it
     cannot reconnect for a while: /readyz says so, /healthz does not, and once the broker lets
@@ -121,7 +125,14 @@ async def test_not_ready_while_the_broker_connection_is_down(
             assert response is not None
             assert "RabbitMQ" in response.json()["reason"]
             assert (await http.get("/healthz")).status_code == 200
-            await anyio.sleep(1.5)  # a reconnection attempt or two fail meanwhile
+            # Still unready after the agent's reconnection attempts were refused.
+            caplog.set_level(logging.WARNING, logger="aio_pika")
+
+            def refused_twice() -> bool:
+                attempts = [r for r in caplog.records if r.name == "aio_pika.robust_connection"]
+                return sum("failed" in str(r.msg) for r in attempts) >= 2
+
+            await until(refused_twice, 20, "two refused reconnection attempts")
             assert (await http.get("/readyz")).status_code == 503
 
             await grant(api, vhost, user)
