@@ -111,6 +111,23 @@ async def test_relay_publishes_the_committed_attempt_then_clears_the_outbox(
 
 
 @pytest.mark.anyio
+async def test_the_relay_drops_the_row_of_an_attempt_the_task_left_without_publishing_it(
+    rt: Runtime, pool_name: str
+) -> None:
+    await make_pool(rt, pool_name)
+    task_id = await make_task(rt, pool_name, attempt=2)
+    async with rt.sessions.begin() as session:
+        session.add(Outbox(task_id=task_id, attempt=1, available_at=time.time()))
+    exchange = await rt.exchange(names.TASKS_EXCHANGE)
+    await relay_until_gone(rt, exchange, task_id)
+    message = await get_one(rt, names.pool_queue(pool_name))
+    assert messages.decode_task(message.body).attempt == 2
+    channel = await rt.connection.channel()
+    queue = await channel.get_queue(names.pool_queue(pool_name))
+    assert await queue.get(no_ack=True, fail=False) is None
+
+
+@pytest.mark.anyio
 async def test_a_drained_pool_keeps_its_work_in_the_outbox(rt: Runtime, pool_name: str) -> None:
     await make_pool(rt, pool_name, draining=True)
     task_id = await make_task(rt, pool_name)
