@@ -5,7 +5,10 @@ the real ``apply_events`` and ``relay_once`` over a Runtime whose broker parts a
 and an exchange that accepts every publish at once. CPU is ``time.process_time`` (every thread:
 aiosqlite's included), so the figures are the dispatcher's CPU, SQLite's own work included.
 
-    python -m bench.dispatcher_cpu [--tasks 20000] [--batch 200] [--rounds 3]
+    python -m bench.dispatcher_cpu [--tasks 20000] [--batch 200] [--rounds 3] [--database-url URL]
+
+``--database-url`` measures on another (empty) database instead, e.g. a PostgreSQL one; it is
+migrated first and keeps the benchmark's rows afterwards.
 """
 
 from __future__ import annotations
@@ -163,9 +166,9 @@ def signing_cost(rt: Runtime, samples: int = 2000) -> float:
     return (time.process_time() - started) / samples
 
 
-async def main(count: int, batch: int, rounds: int) -> None:
+async def main(count: int, batch: int, rounds: int, database_url: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"
+        url = database_url or f"sqlite+aiosqlite:///{Path(tmp) / 'bench.db'}"
         await asyncio.to_thread(upgrade, url)
         rt = runtime(url)
         try:
@@ -173,6 +176,7 @@ async def main(count: int, batch: int, rounds: int) -> None:
             sign = signing_cost(rt)
         finally:
             await rt.engine.dispose()
+    print(f"database: {url.split('://', 1)[0]}")
     for n, (relay, events) in enumerate(results, 1):
         print(f"round {n}: relay {relay * 1e6:7.1f} µs/task   events {events * 1e6:7.1f} µs/task")
     relay = statistics.median(r for r, _ in results)
@@ -190,5 +194,6 @@ if __name__ == "__main__":
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=200, help="events per apply_events call")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--database-url", help="an empty database to use instead of SQLite")
     args = parser.parse_args()
-    asyncio.run(main(args.tasks, args.batch, args.rounds))
+    asyncio.run(main(args.tasks, args.batch, args.rounds, args.database_url))
