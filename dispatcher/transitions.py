@@ -161,6 +161,7 @@ class TaskRow:
     created_at: float
     started_at: float | None
     trace_parent: str | None
+    # Not read from the database, nor read afterwards: they only take what a transition writes.
     finished_at: float | None = None
     result_json: str | None = None
     error_json: str | None = None
