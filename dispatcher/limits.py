@@ -10,7 +10,7 @@ moment.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,7 +22,13 @@ from .db.models import Outbox, Pool, Task
 HELD_POLL = 0.2
 """Seconds between looks while a pool waits at its limit (a finished task frees a slot)."""
 
-Row = TypeVar("Row", bound=tuple[Outbox, Task])
+
+class Pooled(Protocol):
+    @property
+    def pool(self) -> str: ...
+
+
+Row = TypeVar("Row", bound=Pooled)
 
 
 async def free_slots(session: AsyncSession) -> dict[str, int]:
@@ -73,7 +79,7 @@ def within(rows: Sequence[Row], slots: dict[str, int]) -> tuple[list[Row], bool]
     kept: list[Row] = []
     held = False
     for row in rows:
-        pool = row[1].pool
+        pool = row.pool
         if pool in left:
             if left[pool] <= 0:
                 held = True

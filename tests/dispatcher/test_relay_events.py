@@ -11,7 +11,7 @@ import anyio
 import pytest
 from sqlalchemy import func, select
 
-from dispatcher.db.models import Outbox, Pool, Task, TaskTransition
+from dispatcher.db.models import Outbox, Pool, Task, TaskLog, TaskTransition
 from dispatcher.events import apply_events, run_events
 from dispatcher.relay import relay_once
 from dispatcher.runtime import Runtime, open_runtime
@@ -111,6 +111,23 @@ async def test_relay_publishes_the_committed_attempt_then_clears_the_outbox(
 
 
 @pytest.mark.anyio
+async def test_the_relay_drops_the_row_of_an_attempt_the_task_left_without_publishing_it(
+    rt: Runtime, pool_name: str
+) -> None:
+    await make_pool(rt, pool_name)
+    task_id = await make_task(rt, pool_name, attempt=2)
+    async with rt.sessions.begin() as session:
+        session.add(Outbox(task_id=task_id, attempt=1, available_at=time.time()))
+    exchange = await rt.exchange(names.TASKS_EXCHANGE)
+    await relay_until_gone(rt, exchange, task_id)
+    message = await get_one(rt, names.pool_queue(pool_name))
+    assert messages.decode_task(message.body).attempt == 2
+    channel = await rt.connection.channel()
+    queue = await channel.get_queue(names.pool_queue(pool_name))
+    assert await queue.get(no_ack=True, fail=False) is None
+
+
+@pytest.mark.anyio
 async def test_a_drained_pool_keeps_its_work_in_the_outbox(rt: Runtime, pool_name: str) -> None:
     await make_pool(rt, pool_name, draining=True)
     task_id = await make_task(rt, pool_name)
@@ -170,6 +187,66 @@ async def test_events_apply_once_and_stale_attempts_are_rejected_and_counted(
         for reason in ("stale_attempt", "already_terminal")
     }
     assert rejected == {"stale_attempt": 1, "already_terminal": 1}
+
+
+@pytest.mark.anyio
+async def test_one_batch_starts_and_ends_an_attempt_and_starts_another_task(
+    rt: Runtime, pool_name: str
+) -> None:
+    """Later events of a batch see the earlier ones' effect; tasks changed in different columns
+    are all written."""
+    await make_pool(rt, pool_name)
+    ran = await make_task(rt, pool_name, outbox=False)
+    started_only = await make_task(rt, pool_name, outbox=False)
+    at = time.time()
+    await apply_events(
+        rt,
+        [
+            messages.Started(task_id=ran, attempt=1, agent_id="a", at=at),
+            messages.Started(task_id=started_only, attempt=1, agent_id="b", at=at),
+            messages.Succeeded(
+                task_id=ran,
+                attempt=1,
+                agent_id="a",
+                at=at,
+                result=[1],
+                log_ref=f"dir:{pool_name}/{ran}/1.log",
+                log_tail="done\n",
+            ),
+        ],
+    )
+    async with rt.sessions() as session:
+        task = await session.get(Task, ran)
+        other = await session.get(Task, started_only)
+        log = await session.get(TaskLog, (ran, 1))
+        history = (
+            await session.execute(
+                select(TaskTransition.task_id, TaskTransition.from_state, TaskTransition.to_state)
+                .where(TaskTransition.task_id.in_([ran, started_only]))
+                .order_by(TaskTransition.id)
+            )
+        ).all()
+    assert task is not None and other is not None and log is not None
+    assert (task.state, task.agent_id, task.result_json, task.log_tail) == (
+        "succeeded",
+        "a",
+        "[1]",
+        "done\n",
+    )
+    assert task.started_at is not None and task.finished_at is not None
+    assert task.log_ref == log.log_ref == f"dir:{pool_name}/{ran}/1.log"
+    assert (log.agent_id, log.log_tail) == ("a", "done\n")
+    assert (other.state, other.agent_id, other.finished_at) == ("running", "b", None)
+    assert [tuple(row) for row in history] == [
+        (ran, "queued", "running"),
+        (started_only, "queued", "running"),
+        (ran, "running", "succeeded"),
+    ]
+    # The run time is observed from the start the same batch recorded.
+    run_time = rt.metrics.registry.get_sample_value(
+        "rexec_run_seconds_count", {"pool": pool_name, "state": "succeeded"}
+    )
+    assert run_time == 1
 
 
 @pytest.mark.anyio
