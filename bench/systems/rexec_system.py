@@ -2,7 +2,10 @@
 
 The dispatcher is rexec's orchestration plane (what RabbitMQ and Redis are to the peers): it
 runs beside the workers and is not counted in the two-worker budget. Unpaced batches are
-submitted through the batch endpoint (``submit_many``); paced ones one request per task.
+submitted through the batch endpoint (``submit_many``); paced ones one request per task, each
+sent at its due time from a pool of threads, so a slow answer does not hold back the next
+submission (an open loop, as the peers' publishes are: a closed loop would lower the rate
+whenever the API is slow, and hide that slowness from the latency figures).
 Results are known through the batch long-poll (``wait``); a task's done time is when the
 dispatcher recorded its result (``finished_at``, same clock), and the last one is when the
 submitter's wait returned, so "until the submitter knows every result" is honest.
@@ -14,6 +17,7 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -31,6 +35,8 @@ HEARTBEAT_TTL = float(os.environ.get("BENCH_REXEC_HEARTBEAT_TTL", "3"))
 WATCHDOG_INTERVAL = float(os.environ.get("BENCH_REXEC_WATCHDOG_INTERVAL", "0.5"))
 THROUGHPUT_CONCURRENCY = int(os.environ.get("BENCH_REXEC_CONCURRENCY", "16"))
 SUBMIT_CHUNK = 1000
+PACED_SUBMITTERS = 32
+"""Threads of the one submitting process that send paced submissions (requests in flight)."""
 
 
 class RexecSystem(System):
@@ -170,19 +176,24 @@ class RexecSystem(System):
                     ids[task_id] = spec.bench_id
                     result.submitted[spec.bench_id] = at
         else:
-            for index, spec in enumerate(tasks):
-                delay = schedule(index, rate, t0) - time.time()
-                if delay > 0:
-                    time.sleep(delay)
-                at = time.time()
-                ids[
-                    self.client.submit(POOL, self._task(spec).target, args=self._task(spec).args).id
-                ] = spec.bench_id
-                result.submitted[spec.bench_id] = at
+            sent: list[tuple[TaskSpec, Future[str]]] = []
+            with ThreadPoolExecutor(PACED_SUBMITTERS, thread_name_prefix="submit") as submitters:
+                for index, spec in enumerate(tasks):
+                    delay = schedule(index, rate, t0) - time.time()
+                    if delay > 0:
+                        time.sleep(delay)
+                    result.submitted[spec.bench_id] = time.time()
+                    sent.append((spec, submitters.submit(self._submit_one, spec)))
+            for spec, submitted in sent:
+                ids[submitted.result()] = spec.bench_id
         views = self.client.wait(list(ids), timeout=max(0.0, deadline - time.time()))
         known = time.time()
         self._record(views, ids, result, known)
         return result
+
+    def _submit_one(self, spec: TaskSpec) -> str:
+        task = self._task(spec)
+        return self.client.submit(POOL, task.target, args=task.args).id
 
     @staticmethod
     def _record(
