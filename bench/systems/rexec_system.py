@@ -21,6 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
+import anyio
+import asyncpg
 import httpx
 
 from bench.infra import RunContext
@@ -30,6 +32,10 @@ from client import RexecClient
 from schemas.api import SubmitTask, TaskState, TaskView
 
 POOL = "bench"
+DATABASE = os.environ.get("BENCH_REXEC_DATABASE", "sqlite")
+"""``sqlite`` (the default, a file of the run's) or ``postgres`` (a database of the run's on
+``BENCH_POSTGRES_DSN``, dropped afterwards): production's metadata database."""
+POSTGRES_DSN = os.environ.get("BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432")
 API_PORT = int(os.environ.get("BENCH_REXEC_API_PORT", "8695"))
 HEARTBEAT_TTL = float(os.environ.get("BENCH_REXEC_HEARTBEAT_TTL", "3"))
 WATCHDOG_INTERVAL = float(os.environ.get("BENCH_REXEC_WATCHDOG_INTERVAL", "0.5"))
@@ -44,12 +50,13 @@ class RexecSystem(System):
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
+        self._database: str | None = None
         self.api_url = f"http://127.0.0.1:{API_PORT}"
         management = ctx.management_url.replace(
             "://", f"://{ctx.management_auth[0]}:{ctx.management_auth[1]}@", 1
         )
         self.env = {
-            "REXEC_DATABASE_URL": f"sqlite+aiosqlite:///{ctx.log_dir / 'rexec.db'}",
+            "REXEC_DATABASE_URL": self._database_url(),
             "REXEC_AMQP_URL": ctx.amqp_url,
             "REXEC_MANAGEMENT_URL": management,
             "REXEC_REDIS_URL": ctx.redis_url,
@@ -67,6 +74,15 @@ class RexecSystem(System):
         self.client = RexecClient(self.api_url, api_key=self.env["REXEC_API_KEY"], timeout=120)
         self._settings: dict[str, object] = {}
 
+    def _database_url(self) -> str:
+        if DATABASE == "sqlite":
+            return f"sqlite+aiosqlite:///{self.ctx.log_dir / 'rexec.db'}"
+        if DATABASE != "postgres":
+            raise ValueError(f"BENCH_REXEC_DATABASE must be sqlite or postgres, not {DATABASE!r}")
+        self._database = "bench_" + self.ctx.run_id.replace("-", "_")
+        anyio.run(_postgres_admin, f'CREATE DATABASE "{self._database}"')
+        return f"postgresql+asyncpg://{POSTGRES_DSN.split('://', 1)[1]}/{self._database}"
+
     @classmethod
     def versions(cls) -> dict[str, str]:
         return {"rexec": version("rexec"), "aio-pika": version("aio-pika")}
@@ -81,7 +97,7 @@ class RexecSystem(System):
             "concurrency": slots,
             "heartbeat_ttl": HEARTBEAT_TTL,
             "watchdog_interval": WATCHDOG_INTERVAL,
-            "database": "sqlite",
+            "database": DATABASE,
         }
         self.start_dispatcher()
         self.client.create_pool(POOL)
@@ -145,6 +161,9 @@ class RexecSystem(System):
 
     def close(self) -> None:
         self.client.close()
+        if self._database is not None:
+            anyio.run(_postgres_admin, f'DROP DATABASE IF EXISTS "{self._database}" WITH (FORCE)')
+            self._database = None
 
     def _task(self, spec: TaskSpec) -> SubmitTask:
         if spec.kind == "noop":
@@ -207,3 +226,11 @@ class RexecSystem(System):
                 result.done[bench_id] = known if view is last else (view.finished_at or known)
             else:
                 result.failed[bench_id] = f"{view.state.value}: {view.error}"
+
+
+async def _postgres_admin(statement: str) -> None:
+    connection = await asyncpg.connect(f"{POSTGRES_DSN}/postgres")
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
