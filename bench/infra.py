@@ -169,6 +169,10 @@ def delete_redis_prefix(redis_url: str, prefix: str) -> None:
                 batch.clear()
         if batch:
             client.delete(*batch)
+        # The agents' scoped Redis logins are named after the prefix too.
+        users = [u for u in map(str, client.acl_users()) if u.startswith(f"{prefix}-")]
+        if users:
+            client.acl_deluser(*users)
     finally:
         client.close()
 
