@@ -89,12 +89,13 @@ def main() -> int:
         client = RexecClient(env["REXEC_API_URL"], api_key=env["REXEC_API_KEY"])
         wait_for_api(client, dispatcher)
         tasks = workload()
+        agents: list[subprocess.Popen[bytes]] = []
         for pool, concurrency in (("alpha", 8), ("beta", 8)):
             client.create_pool(pool, description=f"demo pool {pool}")
             secret = client.create_token(pool, name="demo").secret
             allow = ["--allow", "demo.tasks:*", "--allow", "echo"]
             argv = ["worker.cli", "--pool", pool, "--concurrency", str(concurrency), *allow]
-            started(f"agent-{pool}", argv, {**env, "REXEC_AGENT_TOKEN": secret})
+            agents.append(started(f"agent-{pool}", argv, {**env, "REXEC_AGENT_TOKEN": secret}))
             console.print(f"started an agent for pool [cyan]{pool}[/] (concurrency {concurrency})")
         total = sum(len(batch) for batch in tasks.values())
         began = time.time()
@@ -102,6 +103,7 @@ def main() -> int:
         finished = follow(client, total, began)
         views = [t for pool in tasks for t in client.list_tasks(pool=pool, limit=total)]
         summarise(views, began, finished)
+        stop_agents(client, agents)
         if len(views) != len(ids):
             console.print(f"[red]expected {len(ids)} tasks, found {len(views)}[/]")
             return 1
@@ -205,6 +207,25 @@ def wait_for_api(client: RexecClient, dispatcher: subprocess.Popen[bytes]) -> No
         except RexecError:
             time.sleep(0.1)
     raise SystemExit("demo: the dispatcher's API did not come up within 30s")
+
+
+def stop_agents(client: RexecClient, agents: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the agents while the dispatcher still runs: it takes in their offline events and
+    withdraws their broker and Redis logins (stopping everything at once left those behind)."""
+    for proc in agents:
+        proc.send_signal(signal.SIGTERM)
+    for proc in agents:
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(20)
+    path = quote(VHOST, safe="")
+    deadline = time.monotonic() + 10
+    with httpx.Client(base_url=MANAGEMENT, auth=("guest", "guest"), timeout=5) as management:
+        while time.monotonic() < deadline:
+            online = [a for a in client.list_agents() if a.state == "online"]
+            granted = management.get(f"/api/vhosts/{path}/permissions").json()
+            if not online and not [g for g in granted if g["user"].startswith("rexec-agent-")]:
+                return
+            time.sleep(0.1)
 
 
 @contextmanager
