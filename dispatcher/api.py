@@ -343,9 +343,19 @@ async def list_audit(
     return await audit.list_entries(rt, limit)
 
 
-async def healthz(rt: NamedDependency[Runtime]) -> dict[str, str]:
-    """200 while the API and its database answer."""
-    return await service.health(rt)
+async def healthz() -> dict[str, str]:
+    """200 while the process serves requests: the liveness probe. It looks at no dependency,
+    so a database or broker outage does not get every replica restarted."""
+    return {"status": "ok"}
+
+
+async def readyz(rt: NamedDependency[Runtime]) -> Response[dict[str, str]]:
+    """200 while the database answers and the broker connection is up: the readiness probe
+    (503 with the reason otherwise, and the replica gets no traffic until it is back)."""
+    problem = await service.unready(rt)
+    if problem is None:
+        return Response({"status": "ok"})
+    return Response({"status": "unready", "reason": problem}, status_code=503)
 
 
 async def metrics(rt: NamedDependency[Runtime]) -> Response[bytes]:
@@ -553,6 +563,7 @@ def create_app(runtime: Runtime) -> Litestar:
         route_handlers=[
             v1,
             get("/healthz", tags=["health"], **auth.PUBLIC)(healthz),
+            get("/readyz", tags=["health"], **auth.PUBLIC)(readyz),
             get("/metrics", tags=["health"], include_in_schema=False, **auth.requires(viewer))(
                 metrics
             ),
@@ -574,7 +585,7 @@ def create_app(runtime: Runtime) -> Litestar:
             title="rexec Remote Execution API",
             version="1.0.0",
             description="Submit tasks to agent pools, follow them, and manage pools, agents, "
-            "agent tokens and operator API keys. Every operation but /healthz, this document "
+            "agent tokens and operator API keys. Every operation but /healthz, /readyz, this document "
             "and agent registration needs an API key (Authorization: Bearer <key>) with the "
             "role named in its security requirement.",
             components=Components(security_schemes=auth.SECURITY_SCHEMES),

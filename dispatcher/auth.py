@@ -46,7 +46,7 @@ SECURITY_SCHEMES: dict[str, SecurityScheme | Reference] = {
     )
 }
 PUBLIC: dict[str, Any] = {"opt": {"public": True}}
-"""For the routes anyone may call: ``/healthz`` and the OpenAPI document."""
+"""For the routes anyone may call: ``/healthz``, ``/readyz`` and the OpenAPI document."""
 TOUCH_EVERY = 60.0
 """Seconds between writes of a key's ``last_used_at`` (not one write per request)."""
 STATE_KEY = "rexec_principal"

@@ -23,7 +23,7 @@ import anyio
 import msgspec
 from redis.exceptions import RedisError
 from sqlalchemy import delete, func, insert, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from schemas import messages, tracing
@@ -50,6 +50,8 @@ from .db.models import Agent, Outbox, Pool, Task, TaskTransition, Token
 from .runtime import Runtime
 
 log = logging.getLogger("rexec.service")
+READY_TIMEOUT = 5.0
+"""Seconds the readiness check waits for the database."""
 
 TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MAX_WAIT = 60.0
@@ -880,7 +882,15 @@ async def list_agents(rt: Runtime, *, pool: str | None = None) -> list[AgentView
 # --- health -----------------------------------------------------------------------------------
 
 
-async def health(rt: Runtime) -> dict[str, str]:
-    async with rt.sessions() as session:
-        await session.execute(text("SELECT 1"))
-    return {"status": "ok"}
+async def unready(rt: Runtime) -> str | None:
+    """Why this replica cannot serve now (None: it can): the database or the broker is away."""
+    connection = rt.connection
+    if connection.is_closed or not connection.connected.is_set():
+        return "RabbitMQ connection lost: reconnecting"
+    try:
+        with anyio.fail_after(READY_TIMEOUT):
+            async with rt.sessions() as session:
+                await session.execute(text("SELECT 1"))
+    except (TimeoutError, SQLAlchemyError, OSError) as exc:
+        return f"the database does not answer: {type(exc).__name__}: {exc}"
+    return None

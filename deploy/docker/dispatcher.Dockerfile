@@ -40,6 +40,6 @@ USER 10001:10001
 WORKDIR /home/rexec
 EXPOSE 8600
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('REXEC_API_PORT', '8600'), timeout=4)"]
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('REXEC_API_PORT', '8600'), timeout=4)"]
 ENTRYPOINT ["rexec"]
 CMD ["serve"]

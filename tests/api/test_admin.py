@@ -251,6 +251,7 @@ async def test_openapi_lists_every_route(api: httpx.AsyncClient) -> None:
         "/v1/login": {"post"},
         "/v1/audit": {"get"},
         "/healthz": {"get"},
+        "/readyz": {"get"},
     }
     assert {path: set(ops) for path, ops in paths.items()} == expected
     schemas = response.json()["components"]["schemas"]
@@ -259,8 +260,21 @@ async def test_openapi_lists_every_route(api: httpx.AsyncClient) -> None:
 
 async def test_healthz_and_unknown_routes(api: httpx.AsyncClient) -> None:
     assert (await api.get("/healthz")).json() == {"status": "ok"}
+    assert (await api.get("/readyz")).json() == {"status": "ok"}
     missing = await api.get("/v1/nothing")
     assert missing.status_code == 404 and "no such endpoint" in missing.json()["error"]
+
+
+async def test_unready_without_the_broker_yet_alive(runtime: Runtime) -> None:
+    """Readiness says why the replica cannot serve; liveness does not restart it for that."""
+    app = create_app(runtime)
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://rexec.test") as api:
+        await runtime.connection.close()
+        unready = await api.get("/readyz")
+        assert unready.status_code == 503
+        assert "RabbitMQ" in unready.json()["reason"]
+        assert (await api.get("/healthz")).status_code == 200
 
 
 async def test_api_key_guards_every_route_but_registration(runtime: Runtime, pool: str) -> None:

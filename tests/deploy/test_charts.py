@@ -477,10 +477,11 @@ def test_dispatcher_serves_and_probes_healthz(helm: Path, case: str) -> None:
     assert env["REXEC_API_PORT"]["value"] == str(v["port"])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": v["port"]}
-    expected = {"path": "/healthz", "port": "http"}
-    if v["tls"]["secretName"]:
-        expected["scheme"] = "HTTPS"
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    paths = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+    for probe, path in paths.items():
+        expected = {"path": path, "port": "http"}
+        if v["tls"]["secretName"]:
+            expected["scheme"] = "HTTPS"
         assert c[probe]["httpGet"] == expected
     service = one(docs, "Service")
     assert service["spec"]["ports"] == [
