@@ -132,6 +132,11 @@ def isolated_run(label: str) -> Iterator[RunContext]:
     finally:
         with management() as api:
             try:
+                # rexec agents' broker users outlive the vhost: remove those granted on it.
+                granted = api.get(f"/api/vhosts/{path}/permissions")
+                for entry in granted.json() if granted.is_success else []:
+                    if entry["user"].startswith("rexec-agent-"):
+                        api.delete(f"/api/users/{quote(entry['user'], safe='')}")
                 api.delete(f"/api/vhosts/{path}")
             except (httpx.TimeoutException, httpx.RemoteProtocolError) as exc:
                 # A loaded broker answers after the management API gave up; it still deletes.
