@@ -10,6 +10,7 @@ import pytest
 from client import RexecClient
 from schemas.settings import Settings
 from tests.conftest import BOOTSTRAP_KEY
+from tests.otlp import OtlpReceiver
 from tests.support import Process, free_port, http_ready, python_entry, wait_until
 
 
@@ -125,6 +126,26 @@ def _fields(settings: Settings) -> dict[str, object]:
 
 @pytest.fixture
 def plane(settings: Settings, tmp_path: Path) -> Iterator[Plane]:
+    plane = Plane(settings, tmp_path)
+    yield plane
+    plane.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    """An OTLP/HTTP receiver of this test's own."""
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def traced_plane(
+    settings: Settings, receiver: OtlpReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Plane]:
+    """A plane whose processes export their spans to ``receiver``."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
     plane = Plane(settings, tmp_path)
     yield plane
     plane.close()

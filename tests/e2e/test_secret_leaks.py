@@ -9,7 +9,6 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import quote
 
 import anyio
@@ -20,7 +19,6 @@ from sqlalchemy import select
 from dispatcher.db.engine import make_engine, make_sessionmaker
 from dispatcher.db.models import Base
 from schemas.api import TaskState, TaskView
-from schemas.settings import Settings
 from tests.conftest import MANAGEMENT_URL
 from tests.e2e.conftest import Plane
 from tests.otlp import OtlpReceiver
@@ -76,24 +74,6 @@ class EventTap:
     def close(self) -> None:
         self.api.delete(f"/api/queues/{self.path}")
         self.api.close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    receiver = OtlpReceiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture
-def traced_plane(
-    settings: Settings, receiver: OtlpReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Plane]:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    plane = Plane(settings, tmp_path)
-    yield plane
-    plane.close()
 
 
 @pytest.fixture

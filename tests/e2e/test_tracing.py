@@ -3,37 +3,12 @@ over OTLP/HTTP to a real receiver in this test."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from schemas.api import TaskState
-from schemas.settings import Settings
 from tests.e2e.conftest import Plane
 from tests.otlp import OtlpReceiver, ReceivedSpan
 from tests.support import wait_until
-
-
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    receiver = OtlpReceiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture
-def traced_plane(
-    settings: Settings,
-    receiver: OtlpReceiver,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Iterator[Plane]:
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    plane = Plane(settings, tmp_path)
-    yield plane
-    plane.close()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
