@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from schemas import messages, tracing
+from schemas.amqp import connection_up
 from schemas.api import (
     TERMINAL_STATES,
     AgentRegister,
@@ -884,8 +885,7 @@ async def list_agents(rt: Runtime, *, pool: str | None = None) -> list[AgentView
 
 async def unready(rt: Runtime) -> str | None:
     """Why this replica cannot serve now (None: it can): the database or the broker is away."""
-    connection = rt.connection
-    if connection.is_closed or not connection.connected.is_set():
+    if not connection_up(rt.connection):
         return "RabbitMQ connection lost: reconnecting"
     try:
         with anyio.fail_after(READY_TIMEOUT):

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from aio_pika import RobustConnection
-from aio_pika.abc import TimeoutType
+from aio_pika.abc import AbstractConnection, TimeoutType
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from yarl import URL
 
@@ -29,6 +29,11 @@ packets instead of refusing must not hold the connection away from the other nod
 class BrokerUnreachable(ConnectionError):
     """No node of the cluster accepted a connection; the message names each node (without
     its password) and why it failed."""
+
+
+def connection_up(connection: AbstractConnection) -> bool:
+    """Whether a (robust) connection is open now, not closed nor reconnecting."""
+    return not connection.is_closed and connection.connected.is_set()
 
 
 def safe_url(url: str | URL) -> str:

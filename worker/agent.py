@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from schemas import messages, names, signing, tls, tracing
-from schemas.amqp import connect_cluster, parse_amqp_urls, safe_url
+from schemas.amqp import connect_cluster, connection_up, parse_amqp_urls, safe_url
 from schemas.names import RedisKeys
 from schemas.redis_client import open_redis
 from schemas.redis_url import RedisURLError
@@ -700,7 +700,7 @@ class Agent:
         connection = self._connection
         if not self._serving or connection is None:
             return "starting: connecting to RabbitMQ and Redis"
-        if connection.is_closed or not connection.connected.is_set() or self._channel.is_closed:
+        if not connection_up(connection) or self._channel.is_closed:
             return "RabbitMQ connection lost: reconnecting"
         if self._heartbeat.failing:
             return "Redis unreachable: the heartbeat fails"
