@@ -7,6 +7,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import aio_pika
 import anyio
@@ -24,6 +25,7 @@ from schemas.signing import Signer
 
 from . import topology
 from .db.engine import make_engine, make_sessionmaker
+from .groupcommit import GroupCommit
 from .metrics import Metrics
 from .signing_key import announced_public_keys, load_signer
 
@@ -53,6 +55,10 @@ class Runtime:
     relay_wakeup: anyio.Event = field(default_factory=anyio.Event)
     events_applied: anyio.Event = field(default_factory=anyio.Event)
     """Set (and replaced) each time the events consumer commits: long-polls wait on it."""
+    known_pools: set[str] = field(default_factory=set)
+    """Pools this process has seen exist (pools are never deleted): submits skip the look."""
+    submits: GroupCommit[dict[str, Any], str] | None = None
+    """Writes concurrent single submits together (made by ``service.submit`` on first use)."""
 
     def wake_relay(self) -> None:
         self.relay_wakeup.set()

@@ -16,6 +16,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,6 +49,7 @@ from schemas.settings import Settings
 
 from . import audit, credentials, statemachine, transitions
 from .db.models import Agent, Outbox, Pool, Task, TaskTransition, Token
+from .groupcommit import GroupCommit
 from .runtime import Runtime
 
 log = logging.getLogger("rexec.service")
@@ -269,35 +271,42 @@ async def _check_pools(session: AsyncSession, pools: Iterable[str]) -> None:
         raise _unknown_pool(pool)
 
 
-async def _existing_by_key(session: AsyncSession, pool: str, key: str) -> Task | None:
-    return await session.scalar(select(Task).where(Task.pool == pool, Task.idempotency_key == key))
-
-
 async def submit(rt: Runtime, body: SubmitTask) -> tuple[TaskView, bool]:
-    """Accept one task; return its view and whether it is new (False: idempotency key hit)."""
-    now = time.time()
-    row = _task_row(body, rt.settings, now)
-    key = row["idempotency_key"]
-    try:
-        async with rt.sessions.begin() as session:
-            await _check_pools(session, [body.pool])
-            if key is not None and (found := await _existing_by_key(session, body.pool, key)):
-                return task_view(found), False
-            task = Task(**row)
-            session.add(task)
-            await session.flush()
-            session.add(Outbox(task_id=task.id, attempt=1, available_at=now))
-    except IntegrityError:
-        # Another request with the same idempotency key committed between our look and insert.
-        if key is None:
-            raise
-        async with rt.sessions() as session:
-            found = await _existing_by_key(session, body.pool, key)
-        if found is None:
-            raise
-        return task_view(found), False
-    rt.wake_relay()
-    return task_view(task), True
+    """Accept one task; return its view and whether it is new (False: idempotency key hit).
+
+    Concurrent submits share a write transaction (``groupcommit``); each returns once its row
+    is committed.
+    """
+    row = _task_row(body, rt.settings, time.time())
+    if rt.submits is None:
+        rt.submits = GroupCommit(partial(_write_submits, rt))
+    task_id = await rt.submits(row)
+    if task_id == row["id"]:
+        return task_view(Task(**row)), True
+    async with rt.sessions() as session:
+        return task_view(await _load_task(session, task_id)), False
+
+
+async def _write_submits(rt: Runtime, rows: Sequence[dict[str, Any]]) -> list[str | Exception]:
+    """Insert the rows of concurrent submits in one transaction: each gets its task's id, or
+    the error of its own (an unknown pool fails only the submits naming it)."""
+    for attempt in range(2):
+        try:
+            async with rt.sessions.begin() as session:
+                if unseen := {row["pool"] for row in rows} - rt.known_pools:
+                    # Pools are never deleted: once seen, a pool needs no look again.
+                    rt.known_pools.update(
+                        await session.scalars(select(Pool.name).where(Pool.name.in_(unseen)))
+                    )
+                known = rt.known_pools
+                ids = iter(await _insert_rows(session, [r for r in rows if r["pool"] in known]))
+        except IntegrityError:
+            if attempt:
+                raise
+            continue  # an idempotency key raced with another request: look the keys up again
+        rt.wake_relay()
+        return [next(ids) if row["pool"] in known else _unknown_pool(row["pool"]) for row in rows]
+    raise AssertionError("unreachable")
 
 
 async def submit_batch(rt: Runtime, bodies: Sequence[SubmitTask]) -> list[str]:
@@ -317,7 +326,9 @@ async def submit_batch(rt: Runtime, bodies: Sequence[SubmitTask]) -> list[str]:
         return []
     for attempt in range(2):
         try:
-            ids = await _insert_batch(rt, rows, now)
+            async with rt.sessions.begin() as session:
+                await _check_pools(session, {row["pool"] for row in rows})
+                ids = await _insert_rows(session, rows)
         except IntegrityError:
             if attempt:
                 raise
@@ -327,41 +338,47 @@ async def submit_batch(rt: Runtime, bodies: Sequence[SubmitTask]) -> list[str]:
     raise AssertionError("unreachable")
 
 
-async def _insert_batch(rt: Runtime, rows: list[dict[str, Any]], now: float) -> list[str]:
-    async with rt.sessions.begin() as session:
-        await _check_pools(session, {row["pool"] for row in rows})
-        keyed: dict[tuple[str, str], str] = {}
-        wanted: dict[str, set[str]] = {}
-        for row in rows:
-            if row["idempotency_key"] is not None:
-                wanted.setdefault(row["pool"], set()).add(row["idempotency_key"])
-        for pool, keys in wanted.items():
-            found = await session.execute(
-                select(Task.idempotency_key, Task.id).where(
-                    Task.pool == pool, Task.idempotency_key.in_(keys)
-                )
+async def _insert_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Insert tasks and their first outbox rows (bulk); return each row's task id in order.
+
+    A row whose idempotency key names an existing task (or an earlier row) gets that task's id
+    and is not inserted.
+    """
+    keyed: dict[tuple[str, str], str] = {}
+    wanted: dict[str, set[str]] = {}
+    for row in rows:
+        if row["idempotency_key"] is not None:
+            wanted.setdefault(row["pool"], set()).add(row["idempotency_key"])
+    for pool, keys in wanted.items():
+        found = await session.execute(
+            select(Task.idempotency_key, Task.id).where(
+                Task.pool == pool, Task.idempotency_key.in_(keys)
             )
-            for key, task_id in found:
-                if key is not None:
-                    keyed[(pool, key)] = task_id
-        ids: list[str] = []
-        new: list[dict[str, Any]] = []
-        for row in rows:
-            key = row["idempotency_key"]
+        )
+        for key, task_id in found:
             if key is not None:
-                existing = keyed.get((row["pool"], key))
-                if existing is not None:
-                    ids.append(existing)
-                    continue
-                keyed[(row["pool"], key)] = row["id"]
-            ids.append(row["id"])
-            new.append(row)
-        if new:
-            await session.execute(insert(Task), new)
-            await session.execute(
-                insert(Outbox),
-                [{"task_id": row["id"], "attempt": 1, "available_at": now} for row in new],
-            )
+                keyed[(pool, key)] = task_id
+    ids: list[str] = []
+    new: list[dict[str, Any]] = []
+    for row in rows:
+        key = row["idempotency_key"]
+        if key is not None:
+            existing = keyed.get((row["pool"], key))
+            if existing is not None:
+                ids.append(existing)
+                continue
+            keyed[(row["pool"], key)] = row["id"]
+        ids.append(row["id"])
+        new.append(row)
+    if new:
+        await session.execute(insert(Task), new)
+        await session.execute(
+            insert(Outbox),
+            [
+                {"task_id": row["id"], "attempt": 1, "available_at": row["created_at"]}
+                for row in new
+            ],
+        )
     return ids
 
 

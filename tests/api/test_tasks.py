@@ -404,3 +404,36 @@ async def test_bad_secret_names_are_a_clear_422(
     )
     assert batch.status_code == 422 and message in batch.json()["error"]
     assert await count_tasks(runtime, pool) == 0
+
+
+async def test_concurrent_submits_share_a_transaction_and_keep_their_own_errors(
+    api: httpx.AsyncClient, runtime: Runtime, pool: str
+) -> None:
+    """Group commit: concurrent single submits are written together, yet each gets its own
+    answer: an unknown pool fails only the submits naming it, an idempotency key stays one
+    task, and every 201 is a stored task with its first outbox row."""
+    bodies: list[dict[str, object]] = [{"pool": pool, "args": [i]} for i in range(24)]
+    bodies += [{"pool": f"{pool}-missing"}] * 3
+    bodies += [{"pool": pool, "idempotency_key": "once"}] * 5
+    answers: list[httpx.Response | None] = [None] * len(bodies)
+
+    async def one(index: int, body: dict[str, object]) -> None:
+        answers[index] = await submit(api, **body)  # type: ignore[arg-type]
+
+    batches_before = runtime.submits.batches if runtime.submits else 0
+    async with anyio.create_task_group() as tg:
+        for index, body in enumerate(bodies):
+            tg.start_soon(one, index, body)
+    responses = [a for a in answers if a is not None]
+    plain, missing, keyed = responses[:24], responses[24:27], responses[27:]
+    assert all(r.status_code == 201 for r in plain), [r.text for r in plain]
+    for response in missing:
+        assert response.status_code == 404
+        assert f"unknown pool '{pool}-missing'" in response.json()["error"]
+    assert sorted(r.status_code for r in keyed) == [200, 200, 200, 200, 201]
+    assert len({r.json()["id"] for r in keyed}) == 1
+    assert await count_tasks(runtime, pool) == 25
+    for response in plain:
+        assert [attempt for attempt, _ in await outbox_rows(runtime, response.json()["id"])] == [1]
+    assert runtime.submits is not None
+    assert runtime.submits.batches - batches_before < len(bodies), "submits were not grouped"
