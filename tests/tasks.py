@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -96,3 +97,8 @@ def flood(lines: int) -> int:
         print(f"flood line {i:06d} " + "x" * 80)
     subprocess.run(["sh", "-c", f"seq 1 {lines}"], check=True)
     return lines
+
+
+def imported(module: str) -> bool:
+    """Whether ``module`` was imported in this child before this call."""
+    return module in sys.modules

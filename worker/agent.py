@@ -39,7 +39,7 @@ from schemas.redis_url import RedisURLError
 from schemas.settings import Settings, key_list
 
 from . import spans
-from .allow import allowed, refusal, task_target
+from .allow import allowed, preload_modules, refusal, task_target
 from .attempts import Attempt, Attempts, StopReason
 from .children import open_child_pool
 from .control import ControlHandler
@@ -356,6 +356,7 @@ class Agent:
                 self.settings.max_result_bytes,
                 masker=self.masker,
                 hidden_env=self.hidden_env,
+                preload=preload_modules(self.allow),
             ) as children:
                 self._executor = Executor(
                     children,

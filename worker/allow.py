@@ -25,3 +25,15 @@ def refusal(target: str, patterns: Sequence[str]) -> str:
         f"target {target!r} is not allowed on this agent (allowed patterns: {shown}); "
         "start the agent with an --allow pattern that matches it"
     )
+
+
+def preload_modules(patterns: Sequence[str]) -> list[str]:
+    """The modules the allow patterns name outright (``pkg.jobs:*`` names ``pkg.jobs``): the
+    children import them when they start, as Celery's workers import their task modules, so a
+    child's first task does not pay for the import."""
+    modules: list[str] = []
+    for pattern in patterns:
+        module, sep, _ = pattern.partition(":")
+        if sep and module and not any(c in module for c in "*?[") and module not in modules:
+            modules.append(module)
+    return modules

@@ -73,6 +73,20 @@ class Runner:
         self._targets[target] = found
         return found  # type: ignore[no-any-return]
 
+    def preload(self, modules: list[str]) -> None:
+        """Import the task modules before the first call. A module that fails is left for
+        its first task to import again and report (it may need that task's secrets)."""
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except BaseException as exc:
+                print(
+                    f"rexec child: could not preload {module!r} ({type(exc).__name__}: {exc}); "
+                    "its first task imports it again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
     def run(self, call: protocol.Call) -> protocol.Outcome:
         context._bind(call.secrets)
         try:
@@ -301,11 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.child")
     parser.add_argument("--max-result-bytes", type=int, default=256 * 1024)
     parser.add_argument("--parent", type=int, default=0)
+    parser.add_argument("--preload", action="append", default=[], metavar="MODULE")
     options = parser.parse_args(argv)
     _die_with_parent(options.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     frames_in, frames_out = _private_pipes()
-    serve(frames_in, Capture(frames_out), Runner(options.max_result_bytes))
+    runner = Runner(options.max_result_bytes)
+    runner.preload(options.preload)
+    serve(frames_in, Capture(frames_out), runner)
     return 0
 
 

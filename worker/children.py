@@ -101,8 +101,10 @@ class ChildPool:
         *,
         masker: Masker | None = None,
         hidden_env: Iterable[str] = (),
+        preload: Iterable[str] = (),
     ) -> None:
         self.size = size
+        self.preload = tuple(preload)
         self.max_result_bytes = max_result_bytes
         self.masker = masker if masker is not None else Masker()
         self.hidden_env = tuple(hidden_env)
@@ -122,6 +124,7 @@ class ChildPool:
             str(self.max_result_bytes),
             "--parent",
             str(os.getpid()),
+            *(f"--preload={module}" for module in self.preload),
         ]
 
     def _env(self) -> dict[str, str]:
@@ -258,10 +261,13 @@ async def open_child_pool(
     *,
     masker: Masker | None = None,
     hidden_env: Iterable[str] = (),
+    preload: Iterable[str] = (),
 ) -> AsyncIterator[ChildPool]:
     """A started pool; every child is gone when the block exits."""
     async with anyio.create_task_group() as tg:
-        pool = ChildPool(size, max_result_bytes, tg, masker=masker, hidden_env=hidden_env)
+        pool = ChildPool(
+            size, max_result_bytes, tg, masker=masker, hidden_env=hidden_env, preload=preload
+        )
         try:
             await pool.start()
             yield pool

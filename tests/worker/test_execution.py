@@ -113,6 +113,22 @@ async def test_children_persist_across_tasks(
         assert len(pids) == 1, "one persistent child ran every task"
 
 
+async def test_children_preload_the_allowed_modules(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    """Modules the allow patterns name are imported when a child starts, as Celery's workers
+    do; one that cannot be imported is left for its tasks to report."""
+    allow = ["tests.tasks:*", "tests.preloaded:*", "tests.not_a_module:*", "tests.*:x"]
+    async with running_agent(broker, agent_settings, pool, allow=allow, concurrency=1):
+        event = await broker.run(pool, task(pool, "tests.tasks:imported", args=["tests.preloaded"]))
+        assert isinstance(event, messages.Succeeded) and event.result is True
+        missing = await broker.run(pool, task(pool, "tests.not_a_module:f"))
+        assert isinstance(missing, messages.Failed) and missing.error_type == "TargetNotFound"
+    async with running_agent(broker, agent_settings, pool, concurrency=1):
+        event = await broker.run(pool, task(pool, "tests.tasks:imported", args=["tests.preloaded"]))
+        assert isinstance(event, messages.Succeeded) and event.result is False
+
+
 async def test_tasks_do_not_see_the_agents_credentials(
     broker: Broker, agent_settings: Settings, pool: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

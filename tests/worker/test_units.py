@@ -8,7 +8,7 @@ import pytest
 
 from schemas import messages
 from worker import protocol
-from worker.allow import allowed, task_target
+from worker.allow import allowed, preload_modules, task_target
 from worker.child import Runner
 from worker.events import EventPublisher
 from worker.leases import OwnClaims
@@ -152,3 +152,8 @@ def test_own_claims_tell_a_late_reply_from_a_duplicate() -> None:
     old.finished(a)
     old.finished(b)
     assert old.is_lost_reply(a, held=set())
+
+
+def test_preload_modules_are_those_the_patterns_name_outright() -> None:
+    patterns = ["app.jobs:*", "app.jobs:resize", "app.*:run", "lib.mod:f?", "sh", "tool*", ":x"]
+    assert preload_modules(patterns) == ["app.jobs", "lib.mod"]
