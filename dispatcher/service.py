@@ -301,12 +301,22 @@ async def _write_submits(rt: Runtime, rows: Sequence[dict[str, Any]]) -> list[st
                 known = rt.known_pools
                 ids = iter(await _insert_rows(session, [r for r in rows if r["pool"] in known]))
         except IntegrityError:
-            if attempt:
+            if not attempt:
+                continue  # an idempotency key raced with another request: look the keys up again
+            if len(rows) == 1:
                 raise
-            continue  # an idempotency key raced with another request: look the keys up again
+            return [await _write_alone(rt, row) for row in rows]  # the error stays its own
         rt.wake_relay()
         return [next(ids) if row["pool"] in known else _unknown_pool(row["pool"]) for row in rows]
     raise AssertionError("unreachable")
+
+
+async def _write_alone(rt: Runtime, row: dict[str, Any]) -> str | Exception:
+    try:
+        [outcome] = await _write_submits(rt, [row])
+    except IntegrityError as exc:
+        return exc
+    return outcome
 
 
 async def submit_batch(rt: Runtime, bodies: Sequence[SubmitTask]) -> list[str]:
