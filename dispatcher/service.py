@@ -15,9 +15,9 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -53,6 +53,8 @@ from .groupcommit import GroupCommit
 from .runtime import Runtime
 
 log = logging.getLogger("rexec.service")
+
+T = TypeVar("T")
 READY_TIMEOUT = 5.0
 """Seconds the readiness check waits for the database."""
 
@@ -264,10 +266,17 @@ def _unknown_pool(pool: str) -> NotFound:
     return NotFound(f"unknown pool {pool!r}: create it with `rexec pool create {pool}`")
 
 
-async def _check_pools(session: AsyncSession, pools: Iterable[str]) -> None:
+async def _known_pools(rt: Runtime, session: AsyncSession, pools: Iterable[str]) -> set[str]:
+    """Those of ``pools`` that exist. Pools are never deleted, so one seen is not looked up again."""
     wanted = set(pools)
-    found = set(await session.scalars(select(Pool.name).where(Pool.name.in_(wanted))))
-    for pool in sorted(wanted - found):
+    if unseen := wanted - rt.known_pools:
+        rt.known_pools.update(await session.scalars(select(Pool.name).where(Pool.name.in_(unseen))))
+    return wanted & rt.known_pools
+
+
+async def _check_pools(rt: Runtime, session: AsyncSession, pools: Iterable[str]) -> None:
+    wanted = set(pools)
+    for pool in sorted(wanted - await _known_pools(rt, session, wanted)):
         raise _unknown_pool(pool)
 
 
@@ -290,25 +299,18 @@ async def submit(rt: Runtime, body: SubmitTask) -> tuple[TaskView, bool]:
 async def _write_submits(rt: Runtime, rows: Sequence[dict[str, Any]]) -> list[str | Exception]:
     """Insert the rows of concurrent submits in one transaction: each gets its task's id, or
     the error of its own (an unknown pool fails only the submits naming it)."""
-    for attempt in range(2):
-        try:
-            async with rt.sessions.begin() as session:
-                if unseen := {row["pool"] for row in rows} - rt.known_pools:
-                    # Pools are never deleted: once seen, a pool needs no look again.
-                    rt.known_pools.update(
-                        await session.scalars(select(Pool.name).where(Pool.name.in_(unseen)))
-                    )
-                known = rt.known_pools
-                ids = iter(await _insert_rows(session, [r for r in rows if r["pool"] in known]))
-        except IntegrityError:
-            if not attempt:
-                continue  # an idempotency key raced with another request: look the keys up again
-            if len(rows) == 1:
-                raise
-            return [await _write_alone(rt, row) for row in rows]  # the error stays its own
-        rt.wake_relay()
+
+    async def write(session: AsyncSession) -> list[str | Exception]:
+        known = await _known_pools(rt, session, (row["pool"] for row in rows))
+        ids = iter(await _insert_rows(session, [r for r in rows if r["pool"] in known]))
         return [next(ids) if row["pool"] in known else _unknown_pool(row["pool"]) for row in rows]
-    raise AssertionError("unreachable")
+
+    try:
+        return await _insert_tasks(rt, write)
+    except IntegrityError:
+        if len(rows) == 1:
+            raise
+        return [await _write_alone(rt, row) for row in rows]  # the error stays its own
 
 
 async def _write_alone(rt: Runtime, row: dict[str, Any]) -> str | Exception:
@@ -334,18 +336,25 @@ async def submit_batch(rt: Runtime, bodies: Sequence[SubmitTask]) -> list[str]:
             raise type(exc)(f"task {index}: {exc.message}", exc.detail) from None
     if not rows:
         return []
-    for attempt in range(2):
-        try:
-            async with rt.sessions.begin() as session:
-                await _check_pools(session, {row["pool"] for row in rows})
-                ids = await _insert_rows(session, rows)
-        except IntegrityError:
-            if attempt:
-                raise
-            continue  # an idempotency key raced with another request: look the keys up again
-        rt.wake_relay()
-        return ids
-    raise AssertionError("unreachable")
+
+    async def write(session: AsyncSession) -> list[str]:
+        await _check_pools(rt, session, (row["pool"] for row in rows))
+        return await _insert_rows(session, rows)
+
+    return await _insert_tasks(rt, write)
+
+
+async def _insert_tasks(rt: Runtime, write: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """Run ``write`` in a transaction, then wake the relay. An idempotency key that raced with
+    another request's (IntegrityError) gets one more try, which sees the other's row."""
+    try:
+        async with rt.sessions.begin() as session:
+            result = await write(session)
+    except IntegrityError:
+        async with rt.sessions.begin() as session:
+            result = await write(session)
+    rt.wake_relay()
+    return result
 
 
 async def _insert_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -490,7 +499,7 @@ async def list_tasks(
         query = query.where(Task.state == _state_filter(state).value)
     async with rt.sessions() as session:
         if pool is not None:
-            await _check_pools(session, [pool])
+            await _check_pools(rt, session, [pool])
             query = query.where(Task.pool == pool)
         tasks = await session.scalars(
             query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit)
