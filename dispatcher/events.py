@@ -198,6 +198,8 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
             )
             writer.add(row, writes)
             _observe(rt, row, decision, event.at)
+            if isinstance(event, messages.Returned):
+                rt.metrics.requeues.labels("returned").inc()
             if tracing.active():
                 _record_span(row, event, decision)
             retried = retried or decision.retry_in is not None

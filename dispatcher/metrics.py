@@ -55,6 +55,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.task_messages = Counter(
+            "rexec_task_messages",
+            "Task messages the relay published, by pool (a batch of attempts is one).",
+            ["pool"],
+            registry=r,
+        )
+        self.attempts_published = Counter(
+            "rexec_attempts_published",
+            "Attempts the relay published, by pool (in single messages or in batches).",
+            ["pool"],
+            registry=r,
+        )
         self.stale_events = Counter(
             "rexec_stale_events",
             "Agent events rejected by fencing, by reason.",

@@ -19,8 +19,10 @@ import anyio
 import msgspec
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import DeliveryError
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from pamqp.commands import Basic
+from pamqp.common import FieldValue
 from sqlalchemy import delete, func, select
 
 from schemas import messages, names, signing, tracing
@@ -154,6 +156,7 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
     """Publish one batch of due outbox rows; return how many, and when the next one is due."""
     now = time.time()
     async with rt.sessions() as session:
+        await rt.batch_sizes.refresh(session)
         # Pools at their max_running are left out; the others get at most their free slots.
         slots = await limits.free_slots(session)
         full = [pool for pool, free in slots.items() if free <= 0]
@@ -194,8 +197,9 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
 async def _publish(
     rt: Runtime, exchange: AbstractExchange, rows: Sequence[Due]
 ) -> tuple[list[int], Exception | None]:
-    """Publish concurrently (confirms pipeline); return the outbox ids the broker confirmed,
-    and the first broker error if some publishes failed (they stay in the outbox).
+    """Publish concurrently (confirms pipeline), several attempts of a pool per message where
+    its agents take batches; return the outbox ids the broker confirmed, and the first broker
+    error if some publishes failed (they stay in the outbox).
 
     Each publish catches its own broker error: raised inside the task group, it would come out
     as an ``ExceptionGroup`` that no ``except`` of the caller matches, and end the dispatcher.
@@ -205,36 +209,29 @@ async def _publish(
     failures: list[Exception] = []
     nacked: list[Exception] = []
 
-    async def one(task: Due) -> None:
-        body = messages.encode(task_message(task, task.attempt))
-        message_id = f"{task.id}:{task.attempt}"
-        message = aio_pika.Message(
-            body,
-            headers={signing.SIGNATURE_HEADER: rt.signer.sign(body)},
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            type="rexec.task",
-            timestamp=time.time(),
-        )
-        try:
-            with _send_span(task, message):
-                await exchange.publish(message, routing_key=task.pool, mandatory=True)
-        except DeliveryError as exc:
-            if isinstance(exc.frame, Basic.Nack):  # refused, not returned: retry elsewhere
+    async def one(batch: list[Due]) -> None:
+        first = batch[0]
+        with _send_spans(batch) as traceparents:
+            message = _message(rt, batch, traceparents)
+            try:
+                await exchange.publish(message, routing_key=first.pool, mandatory=True)
+            except DeliveryError as exc:
+                if isinstance(exc.frame, Basic.Nack):  # refused, not returned: retry elsewhere
+                    failures.append(exc)
+                    nacked.append(exc)
+                else:
+                    unroutable.add(first.pool)
+                return
+            except BROKER_ERRORS as exc:  # broker gone or channel being restored
                 failures.append(exc)
-                nacked.append(exc)
-            else:
-                unroutable.add(task.pool)
-            return
-        except BROKER_ERRORS as exc:  # broker gone or channel being restored
-            failures.append(exc)
-            return
-        confirmed.append(task.outbox_id)
+                return
+        confirmed.extend(due.outbox_id for due in batch)
+        rt.metrics.task_messages.labels(first.pool).inc()
+        rt.metrics.attempts_published.labels(first.pool).inc(len(batch))
 
     async with anyio.create_task_group() as tg:
-        for due in rows:
-            tg.start_soon(one, due)
+        for batch in rt.batch_sizes.split(rows):
+            tg.start_soon(one, batch)
     if nacked:
         log.warning(
             "the broker nacked publishes: renewing the channel", extra={"nacked": len(nacked)}
@@ -252,30 +249,67 @@ async def _publish(
     return confirmed, None
 
 
+def _message(rt: Runtime, batch: list[Due], traceparents: list[str]) -> aio_pika.Message:
+    """One attempt as a ``TaskMessage`` (its trace context in the headers), several as a
+    ``TaskBatch`` (theirs in the body). Either is signed whole, once."""
+    first = batch[0]
+    headers: dict[str, FieldValue] = {}
+    if len(batch) == 1:
+        body = messages.encode(task_message(first, first.attempt))
+        kind, message_id = messages.TASK_TYPE, f"{first.id}:{first.attempt}"
+        if traceparents:
+            headers["traceparent"] = traceparents[0]
+    else:
+        tasks = [task_message(due, due.attempt) for due in batch]
+        body = messages.encode(messages.TaskBatch(tasks=tasks, traceparents=traceparents))
+        kind, message_id = messages.TASK_BATCH_TYPE, f"{first.id}:{first.attempt}+{len(batch) - 1}"
+    headers[signing.SIGNATURE_HEADER] = rt.signer.sign(body)
+    return aio_pika.Message(
+        body,
+        headers=headers,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+        type=kind,
+        timestamp=time.time(),
+    )
+
+
 @contextmanager
-def _send_span(task: Due, message: aio_pika.Message) -> Iterator[None]:
-    """The attempt's ``send`` span, child of the task's ``create`` span; its context travels
-    in the message's headers to the agent. Nothing at all when tracing is off."""
+def _send_spans(batch: list[Due]) -> Iterator[list[str]]:
+    """Each attempt's ``send`` span, child of its task's ``create`` span, open while the
+    message is published; yields their W3C ``traceparent``s for the message. Nothing at all
+    (an empty list) when tracing is off."""
     if not tracing.active():
-        yield
+        yield []
         return
-    attributes = tracing.messaging_attributes(
-        names.TASKS_EXCHANGE, "send", message.message_id or ""
-    )
-    attributes.update(
-        {
-            "messaging.rabbitmq.destination.routing_key": task.pool,
-            "rexec.task.id": task.id,
-            "rexec.attempt": str(task.attempt),
-        }
-    )
-    with tracing.tracer("rexec.dispatcher").start_as_current_span(
-        f"send {names.pool_queue(task.pool)}",
-        context=tracing.context_from_traceparent(task.trace_parent),
-        kind=SpanKind.PRODUCER,
-        attributes=attributes,
-    ):
+    tracer = tracing.tracer("rexec.dispatcher")
+    spans = []
+    traceparents: list[str] = []
+    for due in batch:
+        attributes = tracing.messaging_attributes(
+            names.TASKS_EXCHANGE, "send", f"{due.id}:{due.attempt}"
+        )
+        attributes.update(
+            {
+                "messaging.rabbitmq.destination.routing_key": due.pool,
+                "messaging.batch.message_count": str(len(batch)),
+                "rexec.task.id": due.id,
+                "rexec.attempt": str(due.attempt),
+            }
+        )
+        span = tracer.start_span(
+            f"send {names.pool_queue(due.pool)}",
+            context=tracing.context_from_traceparent(due.trace_parent),
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
+        )
+        spans.append(span)
         headers: dict[str, str] = {}
-        tracing.inject(headers)
-        message.headers = {**(message.headers or {}), **headers}
-        yield
+        tracing.inject(headers, context=trace.set_span_in_context(span))
+        traceparents.append(headers.get("traceparent", ""))
+    try:
+        yield traceparents
+    finally:
+        for span in spans:
+            span.end()

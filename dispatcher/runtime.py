@@ -24,6 +24,7 @@ from schemas.settings import Settings
 from schemas.signing import Signer
 
 from . import topology
+from .batching import BatchSizes
 from .db.engine import make_engine, make_sessionmaker
 from .groupcommit import GroupCommit
 from .metrics import Metrics
@@ -59,6 +60,11 @@ class Runtime:
     """Pools this process has seen exist (pools are never deleted): submits skip the look."""
     submits: GroupCommit[dict[str, Any], str] | None = None
     """Writes concurrent single submits together (made by ``service.submit`` on first use)."""
+    batch_sizes: BatchSizes = field(init=False)
+    """How many attempts the relay puts in one message, per pool."""
+
+    def __post_init__(self) -> None:
+        self.batch_sizes = BatchSizes(self.settings.tasks_per_message)
 
     def wake_relay(self) -> None:
         self.relay_wakeup.set()

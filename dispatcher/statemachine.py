@@ -15,6 +15,7 @@ from schemas.messages import (
     Cancelled,
     Expired,
     Failed,
+    Returned,
     Started,
     Succeeded,
     TaskEvent,
@@ -36,12 +37,14 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """Apply this: move to ``to``; when ``retry_in`` is set, start attempt ``attempt + 1``."""
+    """Apply this: move to ``to``; when ``retry_in`` is set, start attempt ``attempt + 1``
+    (``same_attempt``: publish the current attempt again, it never started)."""
 
     to: TaskState
     reason: str
     agent_id: str | None
     retry_in: float | None = None
+    same_attempt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,12 @@ def on_event(task: Snapshot, event: TaskEvent, rng: random.Random | None = None)
         return Reject("stale_attempt", stop_attempt=isinstance(event, Started))
     if task.state.terminal:
         return Reject("already_terminal", stop_attempt=isinstance(event, Started))
+    if isinstance(event, Returned):
+        if task.state is TaskState.QUEUED:
+            return Transition(
+                TaskState.QUEUED, f"returned: {event.reason}", None, retry_in=0.0, same_attempt=True
+            )
+        return Reject("not_queued")
     if isinstance(event, Started):
         if task.state is TaskState.RUNNING and task.agent_id == event.agent_id:
             return Reject("duplicate")

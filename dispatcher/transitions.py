@@ -75,7 +75,8 @@ def plan(
     """What applying ``transition`` to ``task`` writes.
 
     A retry bumps the attempt and adds an outbox row due after the backoff, so the relay
-    publishes the next attempt only once this transaction commits. The ``event`` that caused
+    publishes the next attempt only once this transaction commits; an attempt handed back
+    unstarted gets an outbox row for itself. The ``event`` that caused
     the transition, when it ended an attempt that ran, leaves that attempt's log location and
     tail (the log itself stays on the agent).
     """
@@ -103,12 +104,10 @@ def plan(
     if transition.to is TaskState.RUNNING:
         values.update(agent_id=transition.agent_id, started_at=now)
     elif transition.retry_in is not None:
-        values.update(attempt=task.attempt + 1, agent_id=None, error_json=error_json)
-        outbox = {
-            "task_id": task.id,
-            "attempt": task.attempt + 1,
-            "available_at": now + transition.retry_in,
-        }
+        attempt = task.attempt if transition.same_attempt else task.attempt + 1
+        if not transition.same_attempt:
+            values.update(attempt=attempt, agent_id=None, error_json=error_json)
+        outbox = {"task_id": task.id, "attempt": attempt, "available_at": now + transition.retry_in}
     elif transition.to.terminal:
         values["finished_at"] = now
         if result_json is not None:

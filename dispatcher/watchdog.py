@@ -22,7 +22,7 @@ import anyio
 from redis.exceptions import RedisError
 from sqlalchemy import delete, select
 
-from schemas import messages
+from schemas import messages, names
 from schemas.api import TaskState
 
 from . import statemachine, transitions
@@ -298,7 +298,7 @@ class Watchdog:
                 for pool, task_id, attempt in attempts:
                     pipe.set(
                         self.rt.keys.lease(pool, task_id, attempt),
-                        "watchdog",
+                        names.LEASE_TOMBSTONE,
                         ex=LEASE_TOMBSTONE_TTL,
                     )
                 await pipe.execute()

@@ -14,9 +14,12 @@ import msgspec
 PROTOCOL_VERSION = 1
 """The wire's major version: messages carry it as ``v``; a different major is refused."""
 SUPPORTED_VERSIONS = frozenset({1})
-PROTOCOL_MINOR = 1
-"""Minor versions add optional fields (omitted when unused) and headers: 1.1 signs tasks and
-issues scoped credentials. Agents one minor version behind keep working."""
+PROTOCOL_MINOR = 2
+"""Minor versions add optional fields (omitted when unused), headers and message kinds: 1.1
+signs tasks and issues scoped credentials; 1.2 carries several tasks in one message
+(``TaskBatch``) and lets an agent hand unstarted tasks back (``Returned``). Agents one minor
+version behind keep working: the relay sends batches only to pools whose agents all speak 1.2."""
+BATCHES_FROM_MINOR = 2
 OLDEST_AGENT_MINOR = PROTOCOL_MINOR - 1
 
 
@@ -108,6 +111,14 @@ class Expired(_Event, frozen=True, tag="expired"):
     pass
 
 
+class Returned(_Event, frozen=True, kw_only=True, tag="returned"):
+    """An attempt the agent took from a batch but did not start (it drains, or waited too long
+    for a slot): the dispatcher publishes the same attempt again. A single-task delivery is
+    handed back by requeueing it instead."""
+
+    reason: str
+
+
 class AgentOnline(
     msgspec.Struct,
     frozen=True,
@@ -138,11 +149,27 @@ class AgentOffline(
     at: float
 
 
-TaskEvent = Started | Succeeded | Failed | TimedOut | Cancelled | Expired
+TaskEvent = Started | Succeeded | Failed | TimedOut | Cancelled | Expired | Returned
 Event = TaskEvent | AgentOnline | AgentOffline
 TERMINAL_EVENTS = (Succeeded, Failed, TimedOut, Cancelled, Expired)
 LOGGED_EVENTS = (Succeeded, Failed, TimedOut, Cancelled)
 """Terminal events of an attempt that ran: they carry ``log_tail`` and ``log_ref``."""
+
+
+TASK_TYPE = "rexec.task"
+TASK_BATCH_TYPE = "rexec.tasks"
+"""The AMQP ``type`` of a task message: one ``TaskMessage``, or a ``TaskBatch``."""
+
+
+class TaskBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Several attempts for one pool in one message: one publish, one confirm, one signature,
+    one delivery and one ack for all of them (protocol 1.2)."""
+
+    v: int = PROTOCOL_VERSION
+    tasks: list[TaskMessage]
+    traceparents: list[str] = []
+    """W3C ``traceparent`` of each task's send span, in the order of ``tasks`` (empty when
+    tracing is off); a single-task message carries it in its AMQP headers instead."""
 
 
 class EventBatch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -168,11 +195,12 @@ class MessageError(ValueError):
 _encoder = msgspec.json.Encoder()
 _header_decoder = msgspec.json.Decoder(_Header)
 _task_decoder = msgspec.json.Decoder(TaskMessage)
+_task_batch_decoder = msgspec.json.Decoder(TaskBatch)
 _batch_decoder = msgspec.json.Decoder(EventBatch)
 _control_decoder = msgspec.json.Decoder(Control)
 
 
-def encode(message: TaskMessage | EventBatch | Control) -> bytes:
+def encode(message: TaskMessage | TaskBatch | EventBatch | Control) -> bytes:
     return _encoder.encode(message)
 
 
@@ -205,6 +233,18 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes, what: str) -> T:
 
 def decode_task(body: bytes) -> TaskMessage:
     return _decode(_task_decoder, body, "task")
+
+
+def decode_task_batch(body: bytes) -> TaskBatch:
+    batch = _decode(_task_batch_decoder, body, "task batch")
+    if not batch.tasks:
+        raise MessageError("malformed task batch message: it carries no task")
+    if batch.traceparents and len(batch.traceparents) != len(batch.tasks):
+        raise MessageError(
+            f"malformed task batch message: {len(batch.traceparents)} traceparents "
+            f"for {len(batch.tasks)} tasks"
+        )
+    return batch
 
 
 def decode_events(body: bytes) -> EventBatch:

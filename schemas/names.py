@@ -50,6 +50,10 @@ def agent_of_broker_user(user: str) -> str | None:
     return user[len(AGENT_USER_PREFIX) :] if user.startswith(AGENT_USER_PREFIX) else None
 
 
+LEASE_TOMBSTONE = "watchdog"
+"""The holder the watchdog writes on the lease of an attempt it ended: never claimed again."""
+
+
 class RedisKeys:
     """Redis key layout under one prefix (``rexec`` unless tests isolate themselves)."""
 
@@ -65,8 +69,8 @@ class RedisKeys:
         return f"{self.prefix}:agent:{agent_id}:leases"
 
     def lease(self, pool: str, task_id: str, attempt: int) -> str:
-        """Who runs that attempt. Under the pool, so an agent's Redis user reaches its pool's
-        leases only."""
+        """Who runs that attempt (an agent id, or ``LEASE_TOMBSTONE``). Under the pool, so an
+        agent's Redis user reaches its pool's leases only."""
         return f"{self.prefix}:lease:{pool}:{task_id}:{attempt}"
 
     def cancelled(self, pool: str, task_id: str) -> str:

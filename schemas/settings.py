@@ -38,6 +38,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     so its unacked deliveries return at once. Empty disables it."""
     max_payload_bytes: int = 256 * 1024
     max_result_bytes: int = 256 * 1024
+    tasks_per_message: int = 16
+    """At most this many attempts for one pool in one task message (protocol 1.2), and never
+    more than the smallest concurrency among the pool's agents; 1 sends one per message."""
     delivery_limit: int = 5
     """Deliveries of one message before the broker dead-letters it as poison."""
     default_max_attempts: int = 3
@@ -138,6 +141,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         raise ValueError(
             f"invalid rexec setting: REXEC_AGENT_CREDENTIALS={settings.agent_credentials!r}; "
             f"use one of {', '.join(AGENT_CREDENTIALS)}"
+        )
+    if not 1 <= settings.tasks_per_message <= 256:
+        raise ValueError(
+            f"invalid rexec setting: REXEC_TASKS_PER_MESSAGE={settings.tasks_per_message}; "
+            "use 1 to 256"
         )
     check_redis_url(settings.redis_url)  # a RedisURLError (a ValueError) names what is wrong
     return settings

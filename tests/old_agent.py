@@ -1,5 +1,6 @@
 """``rexec-agent`` announcing another protocol version (``REXEC_TEST_PROTOCOL=major.minor``):
-what an agent of an older or newer release says at registration."""
+what an agent of an older or newer release says at registration. Announcing 1.1 it also
+refuses task batches, as a 1.1 agent's strict decoder does, so a batch sent to it is noticed."""
 
 from __future__ import annotations
 
@@ -7,9 +8,18 @@ import os
 import sys
 
 from schemas import messages
-from worker import cli
+from worker import agent, cli
+
+
+def _decode_without_batches(
+    body: bytes, batched: bool
+) -> tuple[list[messages.TaskMessage], list[str]]:
+    return [messages.decode_task(body)], []
+
 
 if __name__ == "__main__":
     major, _, minor = os.environ["REXEC_TEST_PROTOCOL"].partition(".")
     messages.PROTOCOL_VERSION, messages.PROTOCOL_MINOR = int(major), int(minor)
+    if messages.PROTOCOL_MINOR < messages.BATCHES_FROM_MINOR:
+        agent._decode = _decode_without_batches
     sys.exit(cli.main())

@@ -1,9 +1,11 @@
 """The agent: consumes its pool's queue, claims, runs and reports attempts, and drains on stop.
 
-For each delivery: decode (dead-letter what cannot be used), refuse expired and disallowed
-tasks, claim the lease, publish ``started`` and wait for the broker's confirm, ack, run, report
-the outcome, release the lease. The delivery is never held during the run: from the ack on,
-the lease and the heartbeat carry the responsibility for the attempt.
+For each delivery: verify and decode it (dead-letter what cannot be used); then for each task
+it carries (one, or a batch): refuse expired and disallowed tasks, claim the lease, publish
+``started`` and wait for the broker's confirm, settle it (the delivery is acked once all its
+tasks are settled, ``delivery.py``), run, report the outcome, release the lease. The delivery
+is never held during the run: from the ack on, the lease and the heartbeat carry the
+responsibility for the attempt.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .attempts import Attempt, Attempts, StopReason
 from .children import open_child_pool
 from .control import ControlHandler
 from .deadletter import dead_letter
+from .delivery import DeliveredTask, Delivery, ack
 from .events import EventPublisher
 from .execution import Executor
 from .health import HealthServer
@@ -83,7 +86,10 @@ class AgentError(Exception):
 class AgentStats:
     """Counters for tests and logs: what happened to the deliveries this agent received."""
 
+    deliveries: int = 0
+    """Messages taken from the pool queue (a batch carries several tasks)."""
     received: int = 0
+    """Tasks those messages carried."""
     dead_lettered: int = 0
     expired: int = 0
     not_allowed: int = 0
@@ -509,7 +515,7 @@ class Agent:
     async def _consume(self, work: TaskGroup) -> None:
         async for message in self._intake.deliveries:
             self._enter_handler()
-            work.start_soon(self._handle_guarded, message)
+            work.start_soon(self._handle_guarded, message, work)
 
     def _enter_handler(self) -> None:
         self._handlers += 1
@@ -521,9 +527,9 @@ class Agent:
         if self._handlers == 0 and self._handlers_idle is not None:
             self._handlers_idle.set()
 
-    async def _handle_guarded(self, message: AbstractIncomingMessage) -> None:
+    async def _handle_guarded(self, message: AbstractIncomingMessage, work: TaskGroup) -> None:
         try:
-            await self._handle(message)
+            await self._handle(message, work)
         except Exception:
             log.exception(
                 "unexpected error handling a delivery; returning it unless already acked",
@@ -533,8 +539,10 @@ class Agent:
         finally:
             self._leave_handler()
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        self.stats.received += 1
+    async def _handle(self, message: AbstractIncomingMessage, work: TaskGroup) -> None:
+        """Check the delivery as a whole (signature, format, pool), then handle each task:
+        a batch's tasks side by side, each in a handler of its own."""
+        self.stats.deliveries += 1
         try:
             self.verifier.verify(
                 message.body, (message.headers or {}).get(signing.SIGNATURE_HEADER)
@@ -542,44 +550,75 @@ class Agent:
         except signing.SignatureError as exc:
             await self._dead_letter(message, f"refused: {exc}")
             return
+        batched = message.type == messages.TASK_BATCH_TYPE
         try:
-            task = messages.decode_task(message.body)
-            if task.pool != self.pool:
-                raise messages.MessageError(
-                    f"task {task.task_id} is for pool {task.pool!r}, but it reached the queue "
-                    f"of pool {self.pool!r}"
-                )
+            tasks, traceparents = _decode(message.body, batched)
+            for task in tasks:
+                if task.pool != self.pool:
+                    raise messages.MessageError(
+                        f"task {task.task_id} is for pool {task.pool!r}, but it reached the "
+                        f"queue of pool {self.pool!r}"
+                    )
         except messages.MessageError as exc:
             await self._dead_letter(message, str(exc))
             return
+        self.stats.received += len(tasks)
         if self._intake.stopped:
             await requeue(message)
-            self.stats.handed_back += 1
+            self.stats.handed_back += len(tasks)
             return
-        if task.expires_at is not None and task.expires_at <= time.time():
-            await self._finish_unstarted(
-                message, task, self._reporter.event(messages.Expired, task)
+        delivery = Delivery(message, batched=batched, emit=self._emit, agent_id=self.agent_id)
+        if not batched:
+            await self._handle_task(delivery.task(tasks[0], message.headers))
+            return
+        items = [
+            delivery.task(task, {"traceparent": tp} if tp else None)
+            for task, tp in zip(tasks, traceparents or [""] * len(tasks), strict=True)
+        ]
+        for item in items:
+            self._enter_handler()
+            work.start_soon(self._handle_task_guarded, item)
+
+    async def _handle_task_guarded(self, item: DeliveredTask) -> None:
+        try:
+            await self._handle_task(item)
+        except Exception:
+            log.exception(
+                "unexpected error handling a task of a batch; handing it back unless started",
+                extra={"agent_id": self.agent_id, "task_id": item.task.task_id},
             )
+            await item.hand_back("agent_error")
+        finally:
+            self._leave_handler()
+
+    async def _handle_task(self, item: DeliveredTask) -> None:
+        task = item.task
+        if task.expires_at is not None and task.expires_at <= time.time():
+            await self._finish_unstarted(item, self._reporter.event(messages.Expired, task))
             self.stats.expired += 1
             self._log_task(logging.INFO, "task expired before it started", task)
             return
         refused = self._refusal(task)
         if refused is not None:
-            await self._finish_unstarted(message, task, refused)
+            await self._finish_unstarted(item, refused)
             self.stats.not_allowed += 1
             self._log_task(logging.WARNING, "task refused", task, reason=refused.message)
             return
-        slot = await self._intake.acquire(message)
+        slot = await self._intake.acquire()
         if slot is None:
-            self.stats.handed_back += 1
+            await self._hand_back(item, "draining" if self._intake.stopped else "no_slot")
             return
         try:
             if tracing.active():
-                await self._claim_and_run_traced(message, task, slot)
+                await self._claim_and_run_traced(item, slot)
             else:
-                await self._claim_and_run(message, task, slot)
+                await self._claim_and_run(item, slot)
         finally:
             slot.release()
+
+    async def _hand_back(self, item: DeliveredTask, reason: str) -> None:
+        await item.hand_back(reason)
+        self.stats.handed_back += 1
 
     def _refusal(self, task: messages.TaskMessage) -> messages.Failed | None:
         if task.kind == "command" and not task.argv:
@@ -593,21 +632,17 @@ class Agent:
             )
         return None
 
-    async def _finish_unstarted(
-        self, message: AbstractIncomingMessage, task: messages.TaskMessage, event: messages.Event
-    ) -> None:
+    async def _finish_unstarted(self, item: DeliveredTask, event: messages.Event) -> None:
         await self._emit(event)
-        await self._ack(message, task)
+        await item.settle()
 
-    async def _claim_and_run_traced(
-        self, message: AbstractIncomingMessage, task: messages.TaskMessage, slot: Slot
-    ) -> Outcome:
+    async def _claim_and_run_traced(self, item: DeliveredTask, slot: Slot) -> Outcome:
         """``_claim_and_run`` inside the attempt's span (claim, started, run, terminal event)."""
-        span = spans.start_attempt(message.headers, task, self.agent_id)
+        span = spans.start_attempt(item.headers, item.task, self.agent_id)
         outcome: Outcome | None = None
         error: Exception | None = None
         try:
-            outcome = await self._claim_and_run(message, task, slot)
+            outcome = await self._claim_and_run(item, slot)
             return outcome
         except Exception as exc:
             error = exc
@@ -615,9 +650,8 @@ class Agent:
         finally:
             spans.end_attempt(span, outcome, error)
 
-    async def _claim_and_run(
-        self, message: AbstractIncomingMessage, task: messages.TaskMessage, slot: Slot
-    ) -> Outcome:
+    async def _claim_and_run(self, item: DeliveredTask, slot: Slot) -> Outcome:
+        task = item.task
         key = (task.task_id, task.attempt)
         self._own_claims.claiming(key)
         try:
@@ -633,18 +667,17 @@ class Agent:
             self._log_task(logging.WARNING, "claim answered late: the lease is ours", task)
             claim = ClaimResult(Claim.CLAIMED, "")
         if claim is None:  # draining while Redis was unreachable
-            await requeue(message)
-            self.stats.handed_back += 1
+            await self._hand_back(item, "draining")
             return Outcome.HANDED_BACK
         if claim.outcome is Claim.DUPLICATE:
-            await self._ack(message, task)
+            await item.settle()
             self.stats.duplicates += 1
             self._log_task(
                 logging.INFO, "duplicate delivery dropped", task, holder=claim.previous_holder
             )
             return Outcome.DUPLICATE
         if claim.outcome is Claim.CANCELLED:
-            await self._ack(message, task)
+            await item.settle()
             self.stats.cancelled_before_start += 1
             self._log_task(logging.INFO, "task cancelled before it started", task)
             return Outcome.CANCELLED
@@ -658,14 +691,13 @@ class Agent:
             )
         if self._intake.stopped:
             await self._abandon(task)
-            await requeue(message)
-            self.stats.handed_back += 1
+            await self._hand_back(item, "draining")
             return Outcome.HANDED_BACK
         attempt = Attempt(task)
         self.attempts.add(attempt)
         try:
             await self._emit(self._reporter.event(messages.Started, task))
-            await self._ack(message, task)
+            await item.settle()
             self.stats.started += 1
             started = time.monotonic()
             self._log_task(logging.DEBUG, "task started", task)
@@ -792,20 +824,6 @@ class Agent:
     async def _emit(self, event: messages.Event) -> None:
         await self._publisher.emit(event)
 
-    async def _ack(
-        self, message: AbstractIncomingMessage, task: messages.TaskMessage | None
-    ) -> None:
-        try:
-            await message.ack()
-        except Exception as exc:
-            # The channel was lost: the broker redelivers, and the lease marks it a duplicate.
-            self._log(
-                logging.WARNING,
-                "ack failed; the broker will redeliver and the lease will mark it a duplicate",
-                error=repr(exc),
-                task_id=task.task_id if task else None,
-            )
-
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         published = await dead_letter(
             self._dead_exchange,
@@ -818,7 +836,7 @@ class Agent:
         if not published:
             await self._reject(message)
             return
-        await self._ack(message, None)
+        await ack(message, self.agent_id)
         self.stats.dead_lettered += 1
         self._log(
             logging.ERROR,
@@ -848,6 +866,14 @@ async def _first_of(events: Sequence[anyio.Event]) -> None:
 
         for event in events:
             tg.start_soon(wait, event)
+
+
+def _decode(body: bytes, batched: bool) -> tuple[list[messages.TaskMessage], list[str]]:
+    """The tasks of a delivery and their ``traceparent``s (empty: in the message headers)."""
+    if not batched:
+        return [messages.decode_task(body)], []
+    batch = messages.decode_task_batch(body)
+    return batch.tasks, batch.traceparents
 
 
 def _asdict(stats: AgentStats) -> dict[str, object]:

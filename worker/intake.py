@@ -1,11 +1,12 @@
-"""Intake from the pool queue: deliveries in, gated by free slots, paused when saturated.
+"""Intake from the pool queue: deliveries in, their tasks gated by free slots, paused when
+saturated.
 
-A delivery is acked once its task has started, so the broker's prefetch limits deliveries
+A delivery is acked once its tasks have started, so the broker's prefetch limits deliveries
 waiting for a slot, not tasks running. When every slot holds a long task, a waiting delivery
 could sit unacked for hours and trip RabbitMQ's consumer_timeout, and it would be hoarded
-from idle agents. So when a delivery has waited ``pause_after`` seconds, intake pauses (the
-consumer is cancelled) and a delivery that has waited ``return_after`` seconds goes back to
-the queue; intake resumes once a slot is free and nobody waits.
+from idle agents. So when a task has waited ``pause_after`` seconds, intake pauses (the
+consumer is cancelled) and a task that has waited ``return_after`` seconds is handed back
+(``delivery.py``); intake resumes once a slot is free and nobody waits.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ class Intake:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._send.send_nowait(message)
 
-    async def acquire(self, message: AbstractIncomingMessage) -> Slot | None:
-        """Wait for a slot. None: the delivery went back to the queue (drain or long wait)."""
+    async def acquire(self) -> Slot | None:
+        """Wait for a slot. None: hand the task back (the agent drains, or it waited
+        ``return_after`` seconds)."""
         if not self.stopped:
             try:
                 self.slots.acquire_nowait()
@@ -101,7 +103,6 @@ class Intake:
             self.slots.release()
             acquired = False
         if not acquired:
-            await requeue(message)
             self.returned += 1
             return None
         return Slot(self.slots)

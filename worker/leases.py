@@ -18,7 +18,7 @@ from typing import Literal
 import anyio
 from redis.asyncio import Redis
 
-from schemas.names import RedisKeys
+from schemas.names import LEASE_TOMBSTONE, RedisKeys
 
 LEASE_TTL = 24 * 3600
 """Seconds a lease lives while held: long, so keys never leak; re-asserted on every beat."""
@@ -30,17 +30,19 @@ MAX_BATCH = 256
 _BATCH = """
 -- Claims and releases of one agent in one call (one round trip for every attempt that
 -- reached this point in the same moment). KEYS: the agent's lease set, then one lease key
--- per operation. ARGV: agent id, lease ttl, lingering ttl, heartbeat key prefix, then per
+-- per operation. ARGV: agent id, lease ttl, lingering ttl, heartbeat key prefix, the
+-- watchdog's tombstone (an attempt it ended: never claimed again), then per
 -- operation its kind ('claim' or 'release'), set member and cancel marker ('' for a
 -- release). Returns {outcome, previous holder} per operation, flattened.
 -- A claim finds the attempt cancelled, held (by this agent or a live one: a duplicate) or
--- free (never held, or held by an agent whose heartbeat key is gone: taken over). A release
+-- free (never held, or held by an agent whose heartbeat key is gone: taken over). A
+-- tombstoned attempt is a duplicate too: a redelivery of it must not run. A release
 -- keeps the lease key a while (RELEASED_TTL) so a late duplicate is still recognised.
 -- The keys only read (cancel markers, holders' heartbeats) are not KEYS: Redis' ACL takes
 -- every declared key as written, and an agent may only read those.
 local out = {}
 for i = 2, #KEYS do
-  local base = 4 + 3 * (i - 2)
+  local base = 5 + 3 * (i - 2)
   local kind, member, marker = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local lease = KEYS[i]
   if kind == 'release' then
@@ -55,7 +57,8 @@ for i = 2, #KEYS do
     table.insert(out, '')
   else
     local holder = redis.call('GET', lease)
-    if holder and (holder == ARGV[1] or redis.call('EXISTS', ARGV[4] .. holder) == 1) then
+    if holder and (holder == ARGV[1] or holder == ARGV[5]
+                   or redis.call('EXISTS', ARGV[4] .. holder) == 1) then
       table.insert(out, 'duplicate')
       table.insert(out, holder)
     else
@@ -206,7 +209,13 @@ class LeaseStore:
             self._queued.clear()
 
     async def _send(self, operations: list[_Operation]) -> None:
-        args: list[str | int] = [self.agent_id, LEASE_TTL, RELEASED_TTL, self.keys.agent("")]
+        args: list[str | int] = [
+            self.agent_id,
+            LEASE_TTL,
+            RELEASED_TTL,
+            self.keys.agent(""),
+            LEASE_TOMBSTONE,
+        ]
         for op in operations:
             marker = self.keys.cancelled(self.pool, op.task_id) if op.kind == "claim" else ""
             args += [op.kind, member(op.task_id, op.attempt), marker]

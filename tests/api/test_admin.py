@@ -39,6 +39,7 @@ def register_body(pool: str, **fields: object) -> dict[str, object]:
         "pid": 4242,
         "concurrency": 4,
         "version": messages.PROTOCOL_VERSION,
+        "protocol_minor": messages.PROTOCOL_MINOR,
     }
     return {**body, **fields}
 
@@ -193,7 +194,7 @@ async def test_register_refuses(
         listed = (await api.get("/v1/tokens", params={"pool": pool})).json()
         assert listed[0]["state"] == "expired"
     elif case == "new-protocol":
-        body["version"] = 99
+        body["version"], body["protocol_minor"] = 99, 0
     elif case == "old-protocol":
         body["version"] = 0
     request = api.build_request("POST", "/v1/agents/register", json=body)

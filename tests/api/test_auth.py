@@ -236,7 +236,14 @@ async def test_the_audit_log_records_who_did_what(
     request = api.build_request(
         "POST",
         "/v1/agents/register",
-        json={"pool": pool_name, "hostname": "h", "pid": 1, "concurrency": 1, "version": 1},
+        json={
+            "pool": pool_name,
+            "hostname": "h",
+            "pid": 1,
+            "concurrency": 1,
+            "version": 1,
+            "protocol_minor": messages.PROTOCOL_MINOR,
+        },
     )
     request.headers["authorization"] = f"Bearer {token['secret']}"
     agent = (await api.send(request)).json()

@@ -17,7 +17,15 @@ from dispatcher.statemachine import (
     on_expiry,
 )
 from schemas.api import TaskState
-from schemas.messages import Cancelled, Expired, Failed, Started, Succeeded, TimedOut
+from schemas.messages import (
+    Cancelled,
+    Expired,
+    Failed,
+    Returned,
+    Started,
+    Succeeded,
+    TimedOut,
+)
 
 Q, R = TaskState.QUEUED, TaskState.RUNNING
 
@@ -141,3 +149,25 @@ def test_lost_agent_requeues_at_once_then_fails_with_agent_lost() -> None:
 def test_expiry_applies_only_to_queued_tasks() -> None:
     assert on_expiry(snap()) == Transition(TaskState.EXPIRED, "expired", None)
     assert on_expiry(snap(R, agent="a1")) == Reject("not_queued")
+
+
+def returned(attempt: int = 1, agent: str = "a1") -> Returned:
+    return Returned(task_id="t", attempt=attempt, agent_id=agent, at=2.0, reason="no_slot")
+
+
+def test_a_returned_attempt_is_published_again_as_the_same_attempt() -> None:
+    assert on_event(snap(), returned()) == Transition(
+        Q, "returned: no_slot", None, retry_in=0.0, same_attempt=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("task", "reason"),
+    [
+        (snap(R, agent="a2"), "not_queued"),  # another agent started it (took it over)
+        (snap(attempt=2), "stale_attempt"),
+        (snap(TaskState.CANCELLED), "already_terminal"),
+    ],
+)
+def test_a_return_of_an_attempt_that_moved_on_is_rejected(task: Snapshot, reason: str) -> None:
+    assert on_event(task, returned()) == Reject(reason)

@@ -85,13 +85,17 @@ class Broker:
     async def publish(
         self,
         pool: str,
-        body: messages.TaskMessage | bytes,
+        body: messages.TaskMessage | messages.TaskBatch | bytes,
         headers: dict[str, str] | None = None,
         *,
         signed: bool = True,
+        batch: bool | None = None,
     ) -> None:
-        """Publish as the relay does: signed with the orchestration plane's (test) key."""
+        """Publish as the relay does: signed with the orchestration plane's (test) key, typed
+        as a batch for a ``TaskBatch`` (or raw bytes with ``batch=True``)."""
         data = body if isinstance(body, bytes) else messages.encode(body)
+        if batch is None:
+            batch = isinstance(body, messages.TaskBatch)
         exchange = await self.channel.get_exchange(names.TASKS_EXCHANGE, ensure=False)
         signature = {SIGNATURE_HEADER: SIGNER.sign(data)} if signed else {}
         await exchange.publish(
@@ -99,6 +103,7 @@ class Broker:
                 data,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 headers={**signature, **(headers or {})} or None,
+                type=messages.TASK_BATCH_TYPE if batch else messages.TASK_TYPE,
             ),
             routing_key=pool,
         )

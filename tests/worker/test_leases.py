@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from schemas import messages
-from schemas.names import RedisKeys
+from schemas.names import LEASE_TOMBSTONE, RedisKeys
 from schemas.settings import Settings
 from tests.worker.harness import Broker, alive, running_agent, task, until
 from worker.leases import member
@@ -101,6 +101,21 @@ async def test_lease_of_a_live_agent_is_a_duplicate(
         await broker.publish(pool, message)
         await until(lambda: agent.stats.duplicates == 1, 5, "the duplicate dropped")
         assert redis_client.get(keys.lease(pool, message.task_id, 1)) == "live-agent"
+
+
+async def test_an_attempt_the_watchdog_ended_is_never_claimed_again(
+    broker: Broker, agent_settings: Settings, pool: str, redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    """A redelivery of an attempt the watchdog already requeued as the next one (a hung
+    agent's unacked batch, returned when its connection is closed) must not run."""
+    async with running_agent(broker, agent_settings, pool) as agent:
+        message = task(pool)
+        redis_client.set(keys.lease(pool, message.task_id, 1), LEASE_TOMBSTONE, ex=60)
+        await broker.publish(pool, message)
+        await until(lambda: agent.stats.duplicates == 1, 5, "the ended attempt dropped")
+        assert agent.stats.started == 0
+        assert broker.of(message.task_id) == []
+        assert redis_client.get(keys.lease(pool, message.task_id, 1)) == LEASE_TOMBSTONE
 
 
 async def test_heartbeat_key_describes_the_agent(

@@ -18,13 +18,14 @@ from schemas.settings import Settings
 from tests.conftest import MANAGEMENT_URL
 from tests.support import await_until
 from tests.worker.harness import Broker, running_agent, task, until
+from worker import delivery
 from worker.agent import Agent, AgentError
 
 pytestmark = pytest.mark.anyio
 
 
 class RecordingAgent(Agent):
-    """Records the order of confirmed events and acks."""
+    """Records the order of confirmed events (and, with ``record_acks``, of acks)."""
 
     order: list[tuple[str, str]]
 
@@ -33,17 +34,22 @@ class RecordingAgent(Agent):
         if isinstance(event, messages.TaskEvent):
             self.order.append((f"confirmed {type(event).__name__}", event.task_id))
 
-    async def _ack(
-        self, message: AbstractIncomingMessage, task: messages.TaskMessage | None
-    ) -> None:
-        self.order.append(("ack", task.task_id if task else ""))
-        await super()._ack(message, task)
+
+def record_acks(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_ack = delivery.ack
+
+    async def recording_ack(message: AbstractIncomingMessage, agent_id: str) -> None:
+        RecordingAgent.order.append(("ack", messages.decode_task(message.body).task_id))
+        await real_ack(message, agent_id)
+
+    monkeypatch.setattr(delivery, "ack", recording_ack)
 
 
 async def test_started_is_confirmed_before_the_delivery_is_acked(
-    broker: Broker, agent_settings: Settings, pool: str
+    broker: Broker, agent_settings: Settings, pool: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     RecordingAgent.order = []
+    record_acks(monkeypatch)
     async with running_agent(broker, agent_settings, pool, agent_class=RecordingAgent):
         message = task(pool, "tests.tasks:sleep", args=[0.2])
         assert isinstance(await broker.run(pool, message), messages.Succeeded)

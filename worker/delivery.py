@@ -1,0 +1,99 @@
+"""One delivery from the pool queue: a single task, or a batch of them (protocol 1.2).
+
+The delivery is acked once every task it carries is settled: started (its ``started`` event
+confirmed), finished without starting (expired, refused, duplicate, cancelled) or handed
+back. Until then the broker keeps it, so an agent that dies with a batch half started has it
+redelivered: the tasks that had started are duplicates for their lease (or ended by the
+watchdog, which tombstones their lease), the others start elsewhere. A task handed back from
+a batch cannot be requeued alone (only the whole message could), so it is reported
+``returned`` and the dispatcher publishes that attempt again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from schemas import messages
+
+from .intake import requeue
+
+log = logging.getLogger("rexec.agent.delivery")
+
+Emit = Callable[[messages.Event], Awaitable[None]]
+
+
+class Delivery:
+    """The message and how many of its tasks are not settled yet."""
+
+    def __init__(
+        self, message: AbstractIncomingMessage, *, batched: bool, emit: Emit, agent_id: str
+    ) -> None:
+        self.message = message
+        self.batched = batched
+        self.unsettled = 0
+        self._emit = emit
+        self.agent_id = agent_id
+
+    def task(self, task: messages.TaskMessage, headers: Mapping[str, Any] | None) -> DeliveredTask:
+        self.unsettled += 1
+        return DeliveredTask(self, task, headers)
+
+    async def _settled(self) -> None:
+        self.unsettled -= 1
+        if self.unsettled == 0:
+            await ack(self.message, self.agent_id)
+
+
+class DeliveredTask:
+    """One task of a delivery; settled once (later calls do nothing)."""
+
+    def __init__(
+        self, delivery: Delivery, task: messages.TaskMessage, headers: Mapping[str, Any] | None
+    ) -> None:
+        self.delivery = delivery
+        self.task = task
+        self.headers = headers
+        """Where the task's W3C trace context is (the message's, or its own in a batch)."""
+        self.settled = False
+
+    async def settle(self) -> None:
+        """The task started or finished without starting; the delivery's last one acks it."""
+        if not self.settled:
+            self.settled = True
+            await self.delivery._settled()
+
+    async def hand_back(self, reason: str) -> None:
+        """Give the unstarted task back so another agent runs it (its lease is not held)."""
+        if self.settled:
+            return
+        delivery = self.delivery
+        if not delivery.batched:
+            self.settled = True
+            await requeue(delivery.message)
+            return
+        await delivery._emit(
+            messages.Returned(
+                task_id=self.task.task_id,
+                attempt=self.task.attempt,
+                agent_id=delivery.agent_id,
+                at=time.time(),
+                reason=reason,
+            )
+        )
+        await self.settle()
+
+
+async def ack(message: AbstractIncomingMessage, agent_id: str) -> None:
+    try:
+        await message.ack()
+    except Exception as exc:
+        # The channel was lost: the broker redelivers, and the lease marks it a duplicate.
+        log.warning(
+            "ack failed; the broker will redeliver and the lease will mark it a duplicate",
+            extra={"agent_id": agent_id, "error": repr(exc)},
+        )
