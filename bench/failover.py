@@ -52,6 +52,7 @@ def rexec_env(
         "REXEC_API_KEY": "rexec_bench_" + secrets.token_urlsafe(24),  # the bootstrap admin key
         "REXEC_HEARTBEAT_TTL": str(ttl),
         "REXEC_WATCHDOG_INTERVAL": str(interval),
+        "REXEC_LOG_DIR": str(db.parent / "task-logs"),  # the run's own, removed with it
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
     }
 

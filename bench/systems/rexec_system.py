@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,6 +52,9 @@ class RexecSystem(System):
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         self._database: str | None = None
+        self._task_logs = ctx.log_dir / "task-logs"
+        """The agents' attempt logs: the run's own, removed when it ends (tens of thousands of
+        files a run; the workers' own logs stay for post-mortems)."""
         self.api_url = f"http://127.0.0.1:{API_PORT}"
         management = ctx.management_url.replace(
             "://", f"://{ctx.management_auth[0]}:{ctx.management_auth[1]}@", 1
@@ -67,6 +71,9 @@ class RexecSystem(System):
             "REXEC_API_KEY": "rexec_bench_" + secrets.token_urlsafe(24),
             "REXEC_HEARTBEAT_TTL": str(HEARTBEAT_TTL),
             "REXEC_WATCHDOG_INTERVAL": str(WATCHDOG_INTERVAL),
+            # The run's own task logs: a shared directory would grow run after run, and
+            # every agent's start-up sweep of old logs would walk all of it.
+            "REXEC_LOG_DIR": str(self._task_logs),
             "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
         }
         self.dispatcher: ManagedProcess | None = None
@@ -161,6 +168,7 @@ class RexecSystem(System):
 
     def close(self) -> None:
         self.client.close()
+        shutil.rmtree(self._task_logs, ignore_errors=True)
         if self._database is not None:
             anyio.run(_postgres_admin, f'DROP DATABASE IF EXISTS "{self._database}" WITH (FORCE)')
             self._database = None
