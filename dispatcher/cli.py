@@ -379,6 +379,16 @@ def cmd_events(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_logs(args: argparse.Namespace, ctx: Context) -> int:
     """The whole log, read from the agent that keeps it; else the stored tail and why not."""
     grant = ctx.client.log_grant(args.id, args.attempt)
+    if not (grant.log_ref or grant.log_tail or grant.running):
+        ctx.err.print(
+            f"rexec: task {grant.task_id} attempt {grant.attempt} kept no log: it succeeded "
+            "without printing anything (such an attempt leaves none), or its agent could not "
+            "write one",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        return 0
     out = sys.stdout.buffer
 
     def write(chunk: bytes) -> None:

@@ -38,6 +38,13 @@ class AttemptCapture:
         except (OSError, ValueError) as exc:
             self._failed("cannot write the attempt's log", exc)
 
+    def end(self, event: messages.TaskEvent | None) -> None:
+        """The agent's last line: how the attempt ended. An attempt that printed nothing and
+        succeeded gets none, and so keeps no log."""
+        if isinstance(event, messages.Succeeded) and not (self._log and self._log.created):
+            return
+        self.note(ending_note(event))
+
     def note(self, text: str) -> None:
         if self._log is None:
             return
@@ -55,7 +62,8 @@ class AttemptCapture:
                 self._failed("cannot close the attempt's log", exc)
 
     async def finish(self) -> tuple[str, str]:
-        """Close the log and hand it to the store; ``(log_tail, log_ref)`` for the event."""
+        """Close the log and hand it to the store; ``(log_tail, log_ref)`` for the event
+        (empty: the attempt kept no log)."""
         current = self._log
         if current is None or self._store is None:
             return "", ""
@@ -65,6 +73,9 @@ class AttemptCapture:
             self._failed("cannot close the attempt's log", exc)
             return "", ""
         store, task = self._store, self.task
+        if not current.created:
+            store.finish(task.pool, task.task_id, task.attempt)  # nothing to upload
+            return "", ""
         if store.uploads:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(store.finish, task.pool, task.task_id, task.attempt)

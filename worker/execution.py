@@ -22,7 +22,7 @@ from schemas import messages
 
 from . import protocol
 from .attempts import Attempt, StopReason
-from .capture import AttemptCapture, ending_note
+from .capture import AttemptCapture
 from .children import ChildDied, ChildPool, Sink
 from .command import run_command
 from .environment import task_environment
@@ -66,7 +66,7 @@ class Executor:
                 event = self._from_outcome(task, outcome)
             else:
                 event = self._from_stop(task, attempt.stop_reason)
-            capture.note(ending_note(event))
+            capture.end(event)
             log_tail, log_ref = await capture.finish()
         finally:
             capture.close_now()

@@ -68,12 +68,14 @@ async def serve(agent: Agent, scope: Scope, receive: Receive, send: Send) -> Non
         return
     store, pool = agent.logs, agent.pool
     first = await anyio.to_thread.run_sync(store.read, pool, task_id, attempt, 0)
+    if first is None and store.is_open(pool, task_id, attempt):
+        first = b""  # running, and has written nothing yet
     if first is None:
         await _text(
             send,
             404,
             f"no log of task {task_id} attempt {attempt} on agent {agent.agent_id} "
-            "(never run here, or removed after REXEC_LOG_RETENTION)",
+            "(never run here, succeeded without output, or removed after REXEC_LOG_RETENTION)",
         )
         return
     follow = parse_qs(scope.get("query_string", b"").decode()).get("follow", ["0"])[0] in (

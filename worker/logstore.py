@@ -37,6 +37,9 @@ TAIL_BYTES = 2048
 MAX_LINE = 16 * 1024
 """Characters of one line; a longer one is cut into several."""
 READ_CHUNK = 64 * 1024
+PRUNE_CHUNK = 256
+PRUNE_YIELD = 4.0
+"""The log sweep rests four times as long as it worked: at most a fifth of a core."""
 TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
@@ -65,11 +68,15 @@ def tail_of(lines: deque[str]) -> str:
 
 
 class AttemptLog:
-    """One attempt's log being written: feed it chunks per stream, then ``close`` it."""
+    """One attempt's log being written: feed it chunks per stream, then ``close`` it.
+
+    The file is made with the first line (``opener``): an attempt that says nothing and
+    succeeds leaves no file at all, which spares a busy agent two filesystem operations a task
+    (most of its cost for short tasks on a journaled disk)."""
 
     def __init__(
         self,
-        file: IO[bytes],
+        opener: Callable[[], IO[bytes]],
         ref: str,
         *,
         max_bytes: int,
@@ -78,7 +85,8 @@ class AttemptLog:
     ) -> None:
         self.ref = ref
         self.max_bytes = max_bytes
-        self._file = file
+        self._opener = opener
+        self._opened: IO[bytes] | None = None
         self._mask = mask
         self._clock = clock
         self._partial: dict[str, str] = {}
@@ -101,7 +109,8 @@ class AttemptLog:
             rest = rest[MAX_LINE:]
         if rest:
             self._partial[stream] = rest
-        self._file.flush()
+        if self._opened is not None:
+            self._opened.flush()
 
     def note(self, text: str) -> None:
         """A line of the agent's own about the attempt (how it ended, why it was killed)."""
@@ -109,6 +118,17 @@ class AttemptLog:
         for line in text.rstrip("\n").split("\n"):
             self._line("rexec", line)
         self._file.flush()
+
+    @property
+    def created(self) -> bool:
+        """Whether anything was written, so the file exists."""
+        return self._opened is not None
+
+    @property
+    def _file(self) -> IO[bytes]:
+        if self._opened is None:
+            self._opened = self._opener()
+        return self._opened
 
     def _line(self, stream: str, text: str) -> None:
         for start in range(0, max(len(text), 1), MAX_LINE):
@@ -154,7 +174,8 @@ class AttemptLog:
                 f"({self.dropped_bytes} bytes) past the limit\n"
             )
         self.closed = True
-        self._file.close()
+        if self._opened is not None:
+            self._opened.close()
         return self.tail
 
 
@@ -234,9 +255,20 @@ class DirLogStore:
         return _key(pool, task_id, attempt) in self._open
 
     def prune(self, now: float) -> int:
+        """Runs in a worker thread, unhurried: a busy agent keeps hundreds of thousands of
+        logs, and a sweep at full speed would hold the interpreter lock away from the event
+        loop for seconds. So it pauses after each ``PRUNE_CHUNK`` logs, for ``PRUNE_YIELD``
+        times as long as they took. Logs still being written are left alone."""
         removed = 0
         cutoff = now - self.retention
+        chunk_started, looked = time.monotonic(), 0
         for path in self.root.glob("*/*/*.log"):
+            looked += 1
+            if looked % PRUNE_CHUNK == 0:
+                time.sleep(PRUNE_YIELD * (time.monotonic() - chunk_started))
+                chunk_started = time.monotonic()
+            if path.relative_to(self.root).as_posix() in self._open:
+                continue
             with contextlib.suppress(OSError):
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
@@ -261,9 +293,14 @@ class _Tracked(AttemptLog):
 def _start(
     path: Path, ref: str, max_bytes: int, mask: Mask | None, on_close: Callable[[], None]
 ) -> AttemptLog:
-    """A new attempt log written to ``path`` (its directories made as needed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _Tracked(path.open("wb"), ref, max_bytes=max_bytes, mask=mask, on_close=on_close)
+    """A new attempt log to be written to ``path`` (made, with its directories, on the first
+    line)."""
+
+    def opener() -> IO[bytes]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("wb")
+
+    return _Tracked(opener, ref, max_bytes=max_bytes, mask=mask, on_close=on_close)
 
 
 class S3LogStore:
@@ -317,6 +354,9 @@ class S3LogStore:
 
     def finish(self, pool: str, task_id: str, attempt: int) -> None:
         path = self._spooled(pool, task_id, attempt)
+        if not path.exists():  # a silent success: nothing to keep
+            self._open.discard(_key(pool, task_id, attempt))
+            return
         try:
             self._client.upload_file(str(path), self.bucket, self._object(pool, task_id, attempt))
             path.unlink(missing_ok=True)

@@ -196,6 +196,24 @@ def test_rexec_logs_follow_streams_a_running_attempt_to_its_end(
     assert done.state is TaskState.SUCCEEDED
 
 
+def test_rexec_logs_of_a_silent_success_says_no_log_was_kept(plane: Plane, pool_name: str) -> None:
+    client = plane.client
+    client.create_pool(pool_name)
+    start_logging_agent(plane, pool_name)
+    quiet = client.submit(pool_name, "tests.tasks:add", args=[2, 3])
+    [done] = client.wait([quiet.id], timeout=60)
+    assert (done.state, done.result, done.log_ref) == (TaskState.SUCCEEDED, 5, "")
+    logs = rexec(plane, "logs", quiet.id)
+    assert logs.returncode == 0 and logs.stdout == ""
+    assert f"task {quiet.id} attempt 1 kept no log" in " ".join(logs.stderr.split())
+    # Followed while it runs and before it says anything, a log streams from its first line.
+    late = client.submit(pool_name, command=["sh", "-c", "sleep 1; echo late words"])
+    wait_until(lambda: client.get(late.id).state is TaskState.RUNNING, 30, "the task to start")
+    follow = rexec(plane, "logs", late.id, "--follow")
+    assert follow.returncode == 0, follow.stderr
+    assert "stdout late words" in follow.stdout
+
+
 def test_an_agent_without_a_health_port_has_no_log_url_and_rexec_logs_says_so(
     plane: Plane, pool_name: str
 ) -> None:

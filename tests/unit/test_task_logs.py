@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -21,7 +23,7 @@ class _Kept(io.BytesIO):
 def make_log(max_bytes: int = 1 << 20, mask: object = None) -> tuple[AttemptLog, _Kept]:
     buffer = _Kept()
     return AttemptLog(
-        buffer, "dir:p/t/1.log", max_bytes=max_bytes, mask=mask, clock=lambda: 0.5
+        lambda: buffer, "dir:p/t/1.log", max_bytes=max_bytes, mask=mask, clock=lambda: 0.5
     ), buffer  # type: ignore[arg-type]
 
 
@@ -86,6 +88,18 @@ def test_the_directory_store_refuses_paths_that_are_not_task_ids(tmp_path: objec
     assert not store.is_open("pool", "abc", 2)
     assert store.read("pool", "abc", 2, 0) == (Path(str(tmp_path)) / "pool/abc/2.log").read_bytes()
     assert store.prune(now=10**12) == 1 and store.read("pool", "abc", 2, 0) is None
+
+
+def test_the_sweep_leaves_a_log_being_written_however_old(tmp_path: Path) -> None:
+    """An attempt that runs longer than the retention still has its whole log."""
+    store = DirLogStore(tmp_path, 1000, 60)
+    log = store.open("pool", "long", 1, None)
+    log.write("stdout", "started a week ago\n")
+    os.utime(tmp_path / "pool/long/1.log", (0, 0))
+    assert store.prune(now=10**12) == 0
+    log.close()
+    os.utime(tmp_path / "pool/long/1.log", (0, 0))
+    assert store.prune(now=10**12) == 1
 
 
 def test_a_grant_is_checked_for_signature_expiry_and_exactly_the_attempt() -> None:

@@ -127,3 +127,19 @@ async def test_a_killed_attempt_keeps_its_output_and_says_why_it_ended(
             ("stdout", "before"),
             ("rexec", "attempt timed out after 0.5s and was killed"),
         ]
+
+
+async def test_an_attempt_that_succeeds_silently_keeps_no_log_and_one_that_fails_does(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    async with running_agent(broker, agent_settings, pool, concurrency=1):
+        quiet = task(pool, "tests.tasks:add", args=[1, 2])
+        event = await broker.run(pool, quiet)
+        assert isinstance(event, messages.Succeeded) and event.result == 3
+        assert (event.log_ref, event.log_tail) == ("", "")
+        assert not (Path(agent_settings.log_dir) / pool / quiet.task_id).exists()
+        failing = task(pool, "tests.tasks:fail", args=["quietly"])
+        failed = await broker.run(pool, failing)
+        assert isinstance(failed, messages.Failed)
+        [(stream, text), *_] = read_log(agent_settings, failed.log_ref)
+        assert (stream, text) == ("rexec", "attempt failed: RuntimeError: quietly")
