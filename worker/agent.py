@@ -349,7 +349,14 @@ class Agent:
         if self._failure is not None:
             raise self._failure
         await self._heartbeat.stop()
-        self._log(logging.INFO, "agent stopped", **_asdict(self.stats))
+        counters = self.counters()
+        self._log(
+            logging.INFO,
+            "agent stopped",
+            **_asdict(self.stats),
+            events=counters.events,
+            event_batches=counters.event_batches,
+        )
 
     async def _serve_wired(
         self, connection: AbstractRobustConnection, task_status: TaskStatus[None]
