@@ -55,6 +55,29 @@ def test_unknown_event_type_is_refused() -> None:
         messages.decode_events(b'{"v": 1, "events": [{"type": "exploded"}]}')
 
 
+def test_a_task_batch_round_trips_and_an_unusable_one_says_why() -> None:
+    tasks = [
+        messages.TaskMessage(task_id=f"t{i}", attempt=1, pool="p", kind="function", target="m:f")
+        for i in range(3)
+    ]
+    batch = messages.TaskBatch(tasks=tasks, traceparents=["a", "b", "c"])
+    assert messages.decode_task_batch(messages.encode(batch)) == batch
+    with pytest.raises(messages.MessageError, match="3 tasks"):
+        messages.decode_task_batch(
+            messages.encode(messages.TaskBatch(tasks=tasks, traceparents=["a"]))
+        )
+    with pytest.raises(messages.MessageError, match="unsupported protocol version 7"):
+        messages.decode_task_batch(b'{"v": 7, "tasks": []}')
+
+
+def test_a_returned_event_names_its_reason_in_a_few_words() -> None:
+    returned = messages.Returned(task_id="t", attempt=1, agent_id="a", at=1.0, reason="no_slot")
+    body = messages.encode(messages.EventBatch(events=[returned]))
+    assert messages.decode_events(body).events == [returned]
+    with pytest.raises(messages.MessageError, match="length <= 64"):
+        messages.decode_events(body.replace(b"no_slot", b"x" * 65))
+
+
 def test_control_messages_decode() -> None:
     control = messages.Control(action="cancel", task_id="t", attempt=1)
     assert messages.decode_control(messages.encode(control)) == control

@@ -93,6 +93,30 @@ def no_extract(*args: object, **kwargs: object) -> object:
     raise AssertionError("headers were parsed with tracing off")
 
 
+async def test_each_task_of_a_batch_continues_its_own_trace(
+    broker: Broker, agent_settings: Settings, pool: str, exporter: InMemorySpanExporter
+) -> None:
+    """A batch carries one traceparent per task in its body, not one in its headers."""
+    tasks = [task(pool), task(pool)]
+    parents = ["00f067aa0ba902c1", "00f067aa0ba902c2"]
+    batch = messages.TaskBatch(tasks=tasks, traceparents=[f"00-{TRACE_ID}-{p}-01" for p in parents])
+    async with running_agent(broker, agent_settings, pool) as agent:
+        await broker.publish(pool, batch)
+        for one in tasks:
+            assert isinstance(await broker.terminal(one.task_id), messages.Succeeded)
+        await until(lambda: agent.stats.finished == 2, 5, "both attempts over")
+    tracing.shutdown()
+    parent_of = {
+        (span.attributes or {})["rexec.task.id"]: span.parent
+        for span in exporter.get_finished_spans()
+        if span.name == f"process rexec.pool.{pool}"
+    }
+    for one, parent_id in zip(tasks, parents, strict=True):
+        parent = parent_of[one.task_id]
+        assert parent is not None and format(parent.span_id, "016x") == parent_id
+        assert format(parent.trace_id, "032x") == TRACE_ID
+
+
 async def test_tracing_off_costs_no_span_and_no_header_parsing(
     broker: Broker, agent_settings: Settings, pool: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
