@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from schemas.api import TaskState
 from schemas.messages import (
+    HELD_ELSEWHERE,
     Cancelled,
     Expired,
     Failed,
@@ -23,6 +24,9 @@ from schemas.messages import (
 )
 
 from .backoff import retry_delay
+
+HELD_RECHECK = 1.0
+"""Seconds before an attempt returned as ``held_elsewhere`` is published again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +76,14 @@ def on_event(task: Snapshot, event: TaskEvent, rng: random.Random | None = None)
     if task.state.terminal:
         return Reject("already_terminal", stop_attempt=isinstance(event, Started))
     if isinstance(event, Returned):
-        if task.state is TaskState.QUEUED:
-            return Transition(
-                TaskState.QUEUED, f"returned: {event.reason}", None, retry_in=0.0, same_attempt=True
-            )
-        return Reject("not_queued")
+        if task.state is not TaskState.QUEUED:
+            return Reject("not_queued")
+        # Held by another live agent: it may start it any moment, or be dead with its
+        # heartbeat not yet expired; look again after a pause, not in a tight loop.
+        pause = HELD_RECHECK if event.reason == HELD_ELSEWHERE else 0.0
+        return Transition(
+            TaskState.QUEUED, f"returned: {event.reason}", None, retry_in=pause, same_attempt=True
+        )
     if isinstance(event, Started):
         if task.state is TaskState.RUNNING and task.agent_id == event.agent_id:
             return Reject("duplicate")

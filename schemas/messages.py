@@ -7,7 +7,7 @@ version is refused with a message that says so instead of a confusing field erro
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -112,11 +112,17 @@ class Expired(_Event, frozen=True, tag="expired"):
 
 
 class Returned(_Event, frozen=True, kw_only=True, tag="returned"):
-    """An attempt the agent took from a batch but did not start (it drains, or waited too long
-    for a slot): the dispatcher publishes the same attempt again. A single-task delivery is
-    handed back by requeueing it instead."""
+    """An attempt the agent received but did not start: from a batch when it drains or waited
+    too long for a slot (a single-task delivery is requeued instead), or any delivery whose
+    claim found another live agent holding the attempt. The dispatcher publishes the same
+    attempt again if it has not started (at once, or after a pause for ``held_elsewhere``)."""
 
-    reason: str
+    reason: Annotated[str, msgspec.Meta(max_length=64)]
+    """Why, in a word or two (``no_slot``, ``draining``, ``agent_error``, ``held_elsewhere``)."""
+
+
+HELD_ELSEWHERE = "held_elsewhere"
+"""A ``Returned`` reason: the claim found the attempt held by another live agent."""
 
 
 class AgentOnline(

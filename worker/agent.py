@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from schemas import messages, names, signing, tls, tracing
 from schemas.amqp import connect_cluster, connection_up, parse_amqp_urls, safe_url
-from schemas.names import RedisKeys
+from schemas.names import LEASE_TOMBSTONE, RedisKeys
 from schemas.redis_client import open_redis
 from schemas.redis_url import RedisURLError
 from schemas.settings import Settings, key_list
@@ -594,6 +594,8 @@ class Agent:
                 "unexpected error handling a task of a batch; handing it back unless started",
                 extra={"agent_id": self.agent_id, "task_id": item.task.task_id},
             )
+            if not item.settled:  # not started: let the next agent claim it
+                await self._abandon(item.task)
             await item.hand_back("agent_error")
         finally:
             self._leave_handler()
@@ -677,6 +679,13 @@ class Agent:
             await self._hand_back(item, "draining")
             return Outcome.HANDED_BACK
         if claim.outcome is Claim.DUPLICATE:
+            if claim.previous_holder not in (self.agent_id, LEASE_TOMBSTONE):
+                # Another live agent holds it. If that agent died after claiming and before
+                # its ``started`` reached the broker, this copy is the task's last: dropping
+                # it would strand the task, queued, with nothing left to publish it. The
+                # dispatcher, told, ignores a task that has started and republishes one that
+                # has not, after a pause, until the holder's heartbeat has expired.
+                await item.report_returned(messages.HELD_ELSEWHERE)
             await item.settle()
             self.stats.duplicates += 1
             self._log_task(

@@ -71,11 +71,18 @@ class DeliveredTask:
         """Give the unstarted task back so another agent runs it (its lease is not held)."""
         if self.settled:
             return
-        delivery = self.delivery
-        if not delivery.batched:
+        if not self.delivery.batched:
             self.settled = True
-            await requeue(delivery.message)
+            await requeue(self.delivery.message)
             return
+        await self.report_returned(reason)
+
+    async def report_returned(self, reason: str) -> None:
+        """Report the unstarted task ``returned`` (the dispatcher publishes it again, or
+        ignores it if it has moved on) and settle it."""
+        if self.settled:
+            return
+        delivery = self.delivery
         await delivery._emit(
             messages.Returned(
                 task_id=self.task.task_id,

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import select
 
 from dispatcher.db.models import Agent, Outbox, Task, TaskTransition
 from dispatcher.events import apply_events
 from dispatcher.relay import relay_once
 from dispatcher.runtime import Runtime, open_runtime
-from schemas import messages, names, signing
+from schemas import messages, names, signing, tracing
 from schemas.settings import Settings
 from tests.dispatcher.test_relay_events import make_pool, make_task
 from tests.support import await_until
@@ -141,6 +142,22 @@ async def test_a_returned_attempt_is_published_again_unchanged(rt: Runtime, pool
     assert [(t.task_id, t.attempt) for t in tasks_of(message)] == [(task_id, 1)]
 
 
+async def test_an_attempt_held_elsewhere_is_published_again_after_a_pause(
+    rt: Runtime, pool_name: str
+) -> None:
+    await make_pool(rt, pool_name)
+    task_id = await make_task(rt, pool_name, outbox=False)
+    at = time.time()
+    event = messages.Returned(
+        task_id=task_id, attempt=1, agent_id="agent-x", at=at, reason=messages.HELD_ELSEWHERE
+    )
+    await apply_events(rt, [event])
+    async with rt.sessions() as session:
+        [outbox] = (await session.scalars(select(Outbox).where(Outbox.task_id == task_id))).all()
+    assert outbox.attempt == 1
+    assert at + 0.5 < outbox.available_at < time.time() + 1.5
+
+
 async def test_a_return_of_a_task_that_has_started_elsewhere_changes_nothing(
     rt: Runtime, pool_name: str
 ) -> None:
@@ -163,3 +180,36 @@ async def test_a_return_of_a_task_that_has_started_elsewhere_changes_nothing(
         assert task is not None
         assert (task.state, task.agent_id) == ("running", "agent-y")
         assert not (await session.scalars(select(Outbox).where(Outbox.task_id == task_id))).all()
+
+
+async def test_each_attempt_of_a_batch_has_its_send_span_and_carries_its_context(
+    rt: Runtime, pool_name: str
+) -> None:
+    await make_pool(rt, pool_name)
+    await add_agent(rt, pool_name, minor=messages.PROTOCOL_MINOR, concurrency=4)
+    ids = [await make_task(rt, pool_name) for _ in range(2)]
+    creates = {task_id: f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01" for task_id in ids}
+    async with rt.sessions.begin() as session:
+        for task_id, traceparent in creates.items():
+            task = await session.get(Task, task_id)
+            assert task is not None
+            task.trace_parent = traceparent
+    exporter = InMemorySpanExporter()
+    tracing.configure("rexec-dispatcher", exporter=exporter)
+    try:
+        await relay_all(rt, ids)
+    finally:
+        tracing.shutdown()
+    [message] = await take_all(rt, pool_name, 2)
+    batch = messages.decode_task_batch(message.body)
+    sends = {
+        (span.attributes or {})["rexec.task.id"]: span
+        for span in exporter.get_finished_spans()
+        if span.name == f"send {names.pool_queue(pool_name)}"
+    }
+    for task, traceparent in zip(batch.tasks, batch.traceparents, strict=True):
+        span = sends[task.task_id]
+        _, trace_id, parent_id, _ = creates[task.task_id].split("-")
+        assert span.parent is not None and format(span.parent.span_id, "016x") == parent_id
+        assert format(span.context.trace_id, "032x") == trace_id
+        assert traceparent == f"00-{trace_id}-{format(span.context.span_id, '016x')}-01"

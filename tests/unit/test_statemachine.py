@@ -7,6 +7,7 @@ import random
 import pytest
 
 from dispatcher.statemachine import (
+    HELD_RECHECK,
     MarkCancelRequested,
     Reject,
     Snapshot,
@@ -18,6 +19,7 @@ from dispatcher.statemachine import (
 )
 from schemas.api import TaskState
 from schemas.messages import (
+    HELD_ELSEWHERE,
     Cancelled,
     Expired,
     Failed,
@@ -171,3 +173,11 @@ def test_a_returned_attempt_is_published_again_as_the_same_attempt() -> None:
 )
 def test_a_return_of_an_attempt_that_moved_on_is_rejected(task: Snapshot, reason: str) -> None:
     assert on_event(task, returned()) == Reject(reason)
+
+
+def test_an_attempt_held_by_another_live_agent_is_looked_at_again_after_a_pause() -> None:
+    held = Returned(task_id="t", attempt=1, agent_id="a2", at=2.0, reason=HELD_ELSEWHERE)
+    assert on_event(snap(), held) == Transition(
+        Q, "returned: held_elsewhere", None, retry_in=HELD_RECHECK, same_attempt=True
+    )
+    assert on_event(snap(R, agent="a1"), held) == Reject("not_queued"), "it started: done"

@@ -101,6 +101,11 @@ async def test_lease_of_a_live_agent_is_a_duplicate(
         await broker.publish(pool, message)
         await until(lambda: agent.stats.duplicates == 1, 5, "the duplicate dropped")
         assert redis_client.get(keys.lease(pool, message.task_id, 1)) == "live-agent"
+        # The holder may have died before its started reached the broker: the dispatcher is
+        # told, so the task is not stranded (it ignores this once the holder's start lands).
+        returned = await broker.wait_for(message.task_id, messages.Returned)
+        assert (returned.reason, returned.agent_id) == (messages.HELD_ELSEWHERE, agent.agent_id)
+        assert agent.stats.started == 0
 
 
 async def test_an_attempt_the_watchdog_ended_is_never_claimed_again(
