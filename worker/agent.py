@@ -11,6 +11,7 @@ responsibility for the attempt.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import ssl
@@ -312,7 +313,7 @@ class Agent:
         assert self._stop_requested is not None
         self._connection = connection
         self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await self._channel.set_qos(prefetch_count=self.concurrency)
+        await self._channel.set_qos(prefetch_count=prefetch_for(self.concurrency))
         queue = await self._pool_queue(self._channel)
         self._dead_exchange = await self._channel.get_exchange(names.DEAD_EXCHANGE, ensure=False)
         self._publisher = EventPublisher(
@@ -882,6 +883,14 @@ async def _first_of(events: Sequence[anyio.Event]) -> None:
 
         for event in events:
             tg.start_soon(wait, event)
+
+
+def prefetch_for(concurrency: int) -> int:
+    """Deliveries held unacked, each up to ``concurrency`` tasks once batches come: a quarter
+    of the slots (at least 2, at most all), so a busy agent holds a few batches waiting, not
+    ``concurrency`` of them. A delivery is acked as soon as its tasks start, so this bounds
+    tasks waiting for a slot, not tasks running."""
+    return min(concurrency, max(2, math.ceil(concurrency / 4)))
 
 
 def _decode(body: bytes, batched: bool) -> tuple[list[messages.TaskMessage], list[str]]:

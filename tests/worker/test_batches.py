@@ -9,7 +9,7 @@ import pytest
 from schemas import messages, names
 from schemas.settings import Settings
 from tests.worker.harness import Broker, running_agent, task, until
-from worker.agent import Agent
+from worker.agent import Agent, prefetch_for
 
 pytestmark = pytest.mark.anyio
 
@@ -122,3 +122,26 @@ async def test_an_unusable_batch_is_dead_lettered_whole(
         assert dead.body == body
         assert agent.stats.started == 0
         assert broker.of(good.task_id) == []
+
+
+def test_a_busy_agent_holds_a_few_batches_not_one_per_slot() -> None:
+    assert [prefetch_for(c) for c in (1, 2, 4, 8, 16, 64)] == [1, 2, 2, 2, 4, 16]
+
+
+async def test_behind_long_tasks_the_agent_leaves_later_batches_in_the_queue(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    """Concurrency 4 prefetches 2 deliveries: one batch running, two waiting at most (8 tasks),
+    the rest ready for other agents (before batches a delivery held one task, so prefetch was
+    one per slot)."""
+    batches = [[task(pool, "tests.tasks:sleep", args=[30]) for _ in range(4)] for _ in range(5)]
+    async with running_agent(broker, agent_settings, pool, concurrency=4, pause_after=60) as agent:
+        for batch in batches:
+            await broker.publish(pool, messages.TaskBatch(tasks=batch))
+        for running in batches[0]:
+            await broker.wait_for(running.task_id, messages.Started)
+        await until(lambda: agent._intake.waiting == 8, 5, "two batches to wait")
+        ready = await broker.wait_ready(names.pool_queue(pool), 2)
+        assert {t.task_id for body in ready for t in messages.decode_task_batch(body).tasks} == {
+            t.task_id for batch in batches[3:] for t in batch
+        }
