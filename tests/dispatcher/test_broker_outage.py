@@ -9,7 +9,6 @@ publishing or acking on a robust channel being restored raises ``ChannelInvalidS
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -21,16 +20,9 @@ from sqlalchemy import func, select
 from dispatcher import events
 from dispatcher.db.models import Outbox, Pool, Task
 from dispatcher.relay import relay_once
-from dispatcher.runtime import Runtime, open_runtime
+from dispatcher.runtime import Runtime
 from schemas import names
 from schemas.api import TaskState
-from schemas.settings import Settings
-
-
-@pytest.fixture
-async def rt(settings: Settings) -> AsyncIterator[Runtime]:
-    async with open_runtime(settings) as runtime:
-        yield runtime
 
 
 class ChannelBeingRestored:

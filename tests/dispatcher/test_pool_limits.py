@@ -4,26 +4,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import func, select, update
 
 from dispatcher.db.models import Outbox, Pool, Task
 from dispatcher.relay import relay_once
-from dispatcher.runtime import Runtime, open_runtime
+from dispatcher.runtime import Runtime
 from schemas import names
 from schemas.api import TaskState
-from schemas.settings import Settings
 from tests.dispatcher.test_relay_events import make_pool, make_task
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def rt(settings: Settings) -> AsyncIterator[Runtime]:
-    async with open_runtime(settings) as runtime:
-        yield runtime
 
 
 async def waiting(rt: Runtime, pool: str) -> int:

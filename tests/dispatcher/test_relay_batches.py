@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
@@ -16,19 +15,12 @@ from sqlalchemy import select
 from dispatcher.db.models import Agent, Outbox, Task, TaskTransition
 from dispatcher.events import apply_events
 from dispatcher.relay import relay_once
-from dispatcher.runtime import Runtime, open_runtime
+from dispatcher.runtime import Runtime
 from schemas import messages, names, signing, tracing
-from schemas.settings import Settings
 from tests.dispatcher.test_relay_events import make_pool, make_task
 from tests.support import await_until
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def rt(settings: Settings) -> AsyncIterator[Runtime]:
-    async with open_runtime(settings) as runtime:
-        yield runtime
 
 
 async def add_agent(rt: Runtime, pool: str, *, minor: int, concurrency: int) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import aio_pika
 import anyio
@@ -14,17 +13,10 @@ from sqlalchemy import func, select
 from dispatcher.db.models import Outbox, Pool, Task, TaskLog, TaskTransition
 from dispatcher.events import apply_events, run_events
 from dispatcher.relay import relay_once
-from dispatcher.runtime import Runtime, open_runtime
+from dispatcher.runtime import Runtime
 from schemas import messages, names
 from schemas.api import TaskState
-from schemas.settings import Settings
 from tests.support import await_until
-
-
-@pytest.fixture
-async def rt(settings: Settings) -> AsyncIterator[Runtime]:
-    async with open_runtime(settings) as runtime:
-        yield runtime
 
 
 async def make_pool(rt: Runtime, pool: str, draining: bool = False) -> None:

@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
 from sqlalchemy import func, select, update
 
 from dispatcher.db.models import Leader, Outbox, Task
-from dispatcher.runtime import Runtime, open_runtime
+from dispatcher.runtime import Runtime
 from dispatcher.watchdog import Watchdog
 from schemas import names
 from schemas.api import TaskState
-from schemas.settings import Settings
 from tests.dispatcher.test_relay_events import make_pool, make_task
 from tests.support import await_until
-
-
-@pytest.fixture
-async def rt(settings: Settings) -> AsyncIterator[Runtime]:
-    async with open_runtime(settings) as runtime:
-        yield runtime
 
 
 async def leading_watchdog(rt: Runtime, trusted: bool = True) -> Watchdog:
