@@ -47,12 +47,12 @@ from .attempts import Attempt, Attempts, StopReason
 from .children import open_child_pool
 from .control import ControlHandler
 from .deadletter import dead_letter
-from .delivery import DeliveredTask, Delivery, ack
+from .delivery import DeliveredTask, Delivery, ack, requeue
 from .events import EventPublisher
 from .execution import Executor
 from .health import HealthServer
 from .heartbeat import Heartbeat
-from .intake import Intake, Slot, requeue
+from .intake import Intake, Slot
 from .leases import Claim, ClaimResult, LeaseStore, LostLease, OwnClaims
 from .logstore import LogStore, LogStoreError, open_store
 from .metrics import AgentMetrics, Counters, Outcome, attempt_outcome

@@ -20,8 +20,6 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from schemas import messages
 
-from .intake import requeue
-
 log = logging.getLogger("rexec.agent.delivery")
 
 Emit = Callable[[messages.Event], Awaitable[None]]
@@ -104,3 +102,10 @@ async def ack(message: AbstractIncomingMessage, agent_id: str) -> None:
             "ack failed; the broker will redeliver and the lease will mark it a duplicate",
             extra={"agent_id": agent_id, "error": repr(exc)},
         )
+
+
+async def requeue(message: AbstractIncomingMessage) -> None:
+    try:
+        await message.nack(requeue=True)
+    except Exception as exc:  # channel lost: the broker requeues it by itself
+        log.debug("nack failed", extra={"error": repr(exc)})

@@ -155,10 +155,3 @@ class Intake:
         await self._pause("intake stopped: the pool consumer is cancelled")
         for waiting in list(self._waiting):
             waiting.scope.cancel()
-
-
-async def requeue(message: AbstractIncomingMessage) -> None:
-    try:
-        await message.nack(requeue=True)
-    except Exception as exc:  # channel lost: the broker requeues it by itself
-        log.debug("nack failed", extra={"error": repr(exc)})
