@@ -7,7 +7,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from sqlalchemy import event
+from sqlalchemy import event, make_url
+from sqlalchemy.dialects import registry
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -15,10 +16,17 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from . import inline_sqlite
+
+registry.register(f"sqlite.{inline_sqlite.DRIVER}", inline_sqlite.__name__, "InlineSQLiteDialect")
+
 
 def make_engine(url: str) -> AsyncEngine:
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        # Whatever driver the URL names (aiosqlite, the documented one), statements run
+        # inline: see inline_sqlite.
+        inline = make_url(url).set(drivername=f"sqlite+{inline_sqlite.DRIVER}")
+        engine = create_async_engine(inline, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
