@@ -184,7 +184,8 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
         next_due = min(next_due or now + limits.HELD_POLL, now + limits.HELD_POLL)
     if not rows:
         return 0, next_due
-    done, failure = await _publish(rt, exchange, [due for due in rows if due.live])
+    confirmed, failure = await publish(rt, exchange, [due for due in rows if due.live])
+    done = [due.outbox_id for due in confirmed]
     done.extend(due.outbox_id for due in rows if not due.live)
     if done:
         async with rt.sessions.begin() as session:
@@ -194,17 +195,17 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
     return fetched, next_due
 
 
-async def _publish(
+async def publish(
     rt: Runtime, exchange: AbstractExchange, rows: Sequence[Due]
-) -> tuple[list[int], Exception | None]:
+) -> tuple[list[Due], Exception | None]:
     """Publish concurrently (confirms pipeline), several attempts of a pool per message where
-    its agents take batches; return the outbox ids the broker confirmed, and the first broker
-    error if some publishes failed (they stay in the outbox).
+    its agents take batches; return the rows the broker confirmed, and the first broker
+    error if some publishes failed (their rows stay in the outbox).
 
     Each publish catches its own broker error: raised inside the task group, it would come out
     as an ``ExceptionGroup`` that no ``except`` of the caller matches, and end the dispatcher.
     """
-    confirmed: list[int] = []
+    confirmed: list[Due] = []
     unroutable: set[str] = set()
     failures: list[Exception] = []
     nacked: list[Exception] = []
@@ -225,7 +226,7 @@ async def _publish(
             except BROKER_ERRORS as exc:  # broker gone or channel being restored
                 failures.append(exc)
                 return
-        confirmed.extend(due.outbox_id for due in batch)
+        confirmed.extend(batch)
         rt.metrics.task_messages.labels(first.pool).inc()
         rt.metrics.attempts_published.labels(first.pool).inc(len(batch))
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aio_pika
 import anyio
@@ -30,12 +30,26 @@ from .groupcommit import GroupCommit
 from .metrics import Metrics
 from .signing_key import announced_public_keys, load_signer
 
+if TYPE_CHECKING:
+    from .relay import Due
+
 log = logging.getLogger("rexec.runtime")
 
 BROKER_ERRORS: tuple[type[Exception], ...] = (AMQPError, ConnectionError, OSError, RuntimeError)
 """What a broker outage raises. aiormq raises a bare ``RuntimeError`` ("... closed") to open a
 channel on a connection that is reconnecting, and ``ChannelInvalidStateError`` (a
 ``RuntimeError`` too, not an ``AMQPError``) to publish or ack on a channel being restored."""
+
+
+class NewTaskPublisher(Protocol):
+    """Publishes new tasks as their submit commits (``direct.DirectPublisher``)."""
+
+    @property
+    def lease(self) -> float:
+        """Seconds the relay waits before publishing a row offered here; 0: offer nothing."""
+        ...
+
+    def offer(self, rows: Sequence[Due]) -> None: ...
 
 
 @dataclass
@@ -60,6 +74,9 @@ class Runtime:
     """Pools this process has seen exist (pools are never deleted): submits skip the look."""
     submits: GroupCommit[dict[str, Any], str] | None = None
     """Writes concurrent single submits together (made by ``service.submit`` on first use)."""
+    direct: NewTaskPublisher | None = None
+    """Publishes new tasks as their submit commits (``rexec serve`` runs it); without it the
+    relay publishes them."""
     batch_sizes: BatchSizes = field(init=False)
     """How many attempts the relay puts in one message, per pool."""
 

@@ -15,6 +15,7 @@ from schemas.settings import Settings
 from . import credentials
 from .api import create_app
 from .db.migrate import upgrade
+from .direct import DirectPublisher
 from .events import run_events
 from .relay import run_relay
 from .runtime import open_runtime
@@ -44,6 +45,9 @@ async def serve(settings: Settings) -> None:
             )
         )
         async with anyio.create_task_group() as tg:
+            if settings.outbox_lease > 0:
+                rt.direct = DirectPublisher(rt)
+                await tg.start(rt.direct.run)
             tg.start_soon(run_relay, rt)
             tg.start_soon(run_events, rt)
             tg.start_soon(Watchdog(rt).run)

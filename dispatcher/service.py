@@ -16,6 +16,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -50,6 +51,7 @@ from schemas.settings import Settings
 from . import audit, credentials, statemachine, transitions
 from .db.models import Agent, Outbox, Pool, Task, TaskTransition, Token
 from .groupcommit import GroupCommit
+from .relay import Due
 from .runtime import Runtime
 
 log = logging.getLogger("rexec.service")
@@ -300,9 +302,11 @@ async def _write_submits(rt: Runtime, rows: Sequence[dict[str, Any]]) -> list[st
     """Insert the rows of concurrent submits in one transaction: each gets its task's id, or
     the error of its own (an unknown pool fails only the submits naming it)."""
 
-    async def write(session: AsyncSession) -> list[str | Exception]:
+    async def write(session: AsyncSession, accepted: _Accepted) -> list[str | Exception]:
         known = await _known_pools(rt, session, (row["pool"] for row in rows))
-        ids = iter(await _insert_rows(session, [r for r in rows if r["pool"] in known]))
+        ids = iter(
+            await _insert_rows(rt, session, [r for r in rows if r["pool"] in known], accepted)
+        )
         return [next(ids) if row["pool"] in known else _unknown_pool(row["pool"]) for row in rows]
 
     try:
@@ -337,27 +341,44 @@ async def submit_batch(rt: Runtime, bodies: Sequence[SubmitTask]) -> list[str]:
     if not rows:
         return []
 
-    async def write(session: AsyncSession) -> list[str]:
+    async def write(session: AsyncSession, accepted: _Accepted) -> list[str]:
         await _check_pools(rt, session, (row["pool"] for row in rows))
-        return await _insert_rows(session, rows)
+        return await _insert_rows(rt, session, rows, accepted)
 
     return await _insert_tasks(rt, write)
 
 
-async def _insert_tasks(rt: Runtime, write: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    """Run ``write`` in a transaction, then wake the relay. An idempotency key that raced with
-    another request's (IntegrityError) gets one more try, which sees the other's row."""
+async def _insert_tasks(rt: Runtime, write: Callable[[AsyncSession, _Accepted], Awaitable[T]]) -> T:
+    """Run ``write`` in a transaction, then publish its new tasks at once (``direct``) or wake
+    the relay for those left to it. An idempotency key that raced with another request's
+    (IntegrityError) gets one more try, which sees the other's row."""
+    accepted = _Accepted()
     try:
         async with rt.sessions.begin() as session:
-            result = await write(session)
+            result = await write(session, accepted)
     except IntegrityError:
+        accepted = _Accepted()
         async with rt.sessions.begin() as session:
-            result = await write(session)
-    rt.wake_relay()
+            result = await write(session, accepted)
+    if accepted.direct and rt.direct is not None:
+        rt.direct.offer(accepted.direct)
+    if accepted.relayed:
+        rt.wake_relay()
     return result
 
 
-async def _insert_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[str]:
+@dataclass
+class _Accepted:
+    """What a submit transaction inserted: rows to publish at once, and whether the relay
+    has rows to publish (a pool that is draining or has a ``max_running``)."""
+
+    direct: list[Due] = field(default_factory=list)
+    relayed: bool = False
+
+
+async def _insert_rows(
+    rt: Runtime, session: AsyncSession, rows: Sequence[dict[str, Any]], accepted: _Accepted
+) -> list[str]:
     """Insert tasks and their first outbox rows (bulk); return each row's task id in order.
 
     A row whose idempotency key names an existing task (or an earlier row) gets that task's id
@@ -391,14 +412,69 @@ async def _insert_rows(session: AsyncSession, rows: Sequence[dict[str, Any]]) ->
         new.append(row)
     if new:
         await session.execute(insert(Task), new)
-        await session.execute(
-            insert(Outbox),
-            [
-                {"task_id": row["id"], "attempt": 1, "available_at": row["created_at"]}
-                for row in new
-            ],
-        )
+        await _insert_outbox(rt, session, new, accepted)
     return ids
+
+
+async def _insert_outbox(
+    rt: Runtime, session: AsyncSession, new: Sequence[dict[str, Any]], accepted: _Accepted
+) -> None:
+    """The first attempt's outbox rows: due after the lease for those published at once,
+    due now for those left to the relay."""
+    lease = rt.direct.lease if rt.direct is not None else 0.0
+    direct = await _direct_pools(session, {row["pool"] for row in new}) if lease else set()
+    outbox = [
+        {
+            "task_id": row["id"],
+            "attempt": 1,
+            "available_at": row["created_at"] + (lease if row["pool"] in direct else 0.0),
+        }
+        for row in new
+    ]
+    if not direct:
+        await session.execute(insert(Outbox), outbox)
+        accepted.relayed = True
+        return
+    outbox_ids = await session.scalars(
+        insert(Outbox).returning(Outbox.id, sort_by_parameter_order=True), outbox
+    )
+    for row, outbox_id in zip(new, outbox_ids, strict=True):
+        if row["pool"] in direct:
+            accepted.direct.append(_due(row, outbox_id))
+        else:
+            accepted.relayed = True
+
+
+async def _direct_pools(session: AsyncSession, pools: set[str]) -> set[str]:
+    """Those of ``pools`` whose new tasks may be published at once: not draining, no limit.
+    Read in the submit's transaction, so a drain committed before it is seen."""
+    found = await session.scalars(
+        select(Pool.name).where(
+            Pool.name.in_(pools), Pool.draining.is_(False), Pool.max_running.is_(None)
+        )
+    )
+    return set(found)
+
+
+def _due(row: dict[str, Any], outbox_id: int) -> Due:
+    return Due(
+        outbox_id=outbox_id,
+        attempt=1,
+        state=row["state"],
+        task_attempt=1,
+        id=row["id"],
+        pool=row["pool"],
+        kind=row["kind"],
+        target=row["target"],
+        argv_json=row["argv_json"],
+        args_json=row["args_json"],
+        kwargs_json=row["kwargs_json"],
+        secrets_json=row["secrets_json"],
+        timeout=row["timeout"],
+        expires_at=row["expires_at"],
+        created_at=row["created_at"],
+        trace_parent=row["trace_parent"],
+    )
 
 
 async def _load_task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> Task:

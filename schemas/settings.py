@@ -41,6 +41,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     tasks_per_message: int = 16
     """At most this many attempts for one pool in one task message (protocol 1.2), and never
     more than the smallest concurrency among the pool's agents; 1 sends one per message."""
+    outbox_lease: float = 5.0
+    """Seconds a new task's outbox row waits before the relay publishes it: the dispatcher
+    publishes the task the moment its submit commits, and the relay is the backstop should
+    that publish not happen (a crash, a broker error). 0 leaves every publish to the relay."""
     delivery_limit: int = 5
     """Deliveries of one message before the broker dead-letters it as poison."""
     default_max_attempts: int = 3
@@ -146,6 +150,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         raise ValueError(
             f"invalid rexec setting: REXEC_TASKS_PER_MESSAGE={settings.tasks_per_message}; "
             "use 1 to 256"
+        )
+    if not 0 <= settings.outbox_lease <= 3600:
+        raise ValueError(
+            f"invalid rexec setting: REXEC_OUTBOX_LEASE={settings.outbox_lease}; "
+            "use 0 (the relay publishes everything) to 3600 seconds"
         )
     check_redis_url(settings.redis_url)  # a RedisURLError (a ValueError) names what is wrong
     return settings
