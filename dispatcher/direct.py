@@ -12,7 +12,7 @@ slower than the lease) is published twice, and agents drop the duplicate by its 
 after a relay that died between its publish and its delete.
 
 Only pools without ``max_running`` and not draining take this path: the relay counts a
-limited pool's slots, and holds a draining pool's tasks.
+limited pool's slots, and holds a draining pool's tasks. So do rows beyond ``MAX_IN_FLIGHT``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ from .runtime import Runtime
 
 log = logging.getLogger("rexec.direct")
 
+MAX_IN_FLIGHT = 2000
+"""Rows being published at once, at most: a bulk submit faster than the broker (W5 queues
+100,000 tasks) would otherwise hold every message it has not sent yet in memory. Beyond it,
+new rows are due at once and the relay publishes them, 500 a round."""
 SETTLE_EVERY = 0.2
 """Seconds between the transactions that clear published rows. Each is a write turn on
 SQLite; one per publish took a fifth of the turns at W2's 200 tasks/s."""
@@ -53,14 +57,20 @@ class DirectPublisher:
         self._unpublished: list[int] = []
         """Outbox ids whose publish failed: to make due now, for the relay."""
         self._settle = anyio.Event()
+        self.in_flight = 0
+        """Rows offered and not yet published (or failed)."""
 
     @property
     def lease(self) -> float:
-        return self._rt.settings.outbox_lease if self._tg is not None else 0.0
+        """0 when rows offered now would not be published: not running, or too many in flight."""
+        if self._tg is None or self.in_flight >= MAX_IN_FLIGHT:
+            return 0.0
+        return self._rt.settings.outbox_lease
 
     def offer(self, rows: Sequence[Due]) -> None:
         """Publish these committed rows soon (the caller does not wait for it)."""
         if rows and self._tg is not None:
+            self.in_flight += len(rows)
             self._tg.start_soon(self._publish, list(rows))
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -77,6 +87,8 @@ class DirectPublisher:
             confirmed, failure = await publish(self._rt, await self._tasks_exchange(), rows)
         except Exception as exc:  # broker gone, or a bug: the relay is the backstop either way
             confirmed, failure = [], exc
+        finally:
+            self.in_flight -= len(rows)
         done = {due.outbox_id for due in confirmed}
         self._confirmed.extend(done)
         self._unpublished.extend(due.outbox_id for due in rows if due.outbox_id not in done)

@@ -191,6 +191,42 @@ async def test_a_burst_is_published_in_batches_for_agents_that_take_them(
     assert rt.metrics.attempts_published.labels(pool_name)._value.get() == 10
 
 
+async def test_rows_beyond_the_in_flight_bound_are_left_to_the_relay(
+    rt: Runtime, pool_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk submit faster than the broker does not pile its messages up in memory."""
+
+    class SlowBroker(DirectPublisher):
+        gate = anyio.Event()
+
+        async def _publish(self, rows: list[Due]) -> None:
+            await self.gate.wait()
+            await super()._publish(rows)
+
+    monkeypatch.setattr("dispatcher.direct.MAX_IN_FLIGHT", 3)
+    await make_pool(rt, pool_name)
+    async with anyio.create_task_group() as tg:
+        rt.settings = msgspec.structs.replace(rt.settings, outbox_lease=LEASE)
+        rt.direct = publisher = SlowBroker(rt)
+        await tg.start(publisher.run)
+        first = await service.submit_batch(rt, [add(pool_name, i) for i in range(3)])
+        assert (publisher.in_flight, publisher.lease) == (3, 0), "full while those are sent"
+        late, _ = await service.submit(rt, add(pool_name, 3))
+        [row] = await outbox_rows(rt, [late.id])
+        assert row.available_at <= time.time(), "due at once, for the relay"
+        publisher.gate.set()
+        taken = await take_all(rt, pool_name, 3)
+        assert sorted(t.task_id for m in taken for t in tasks_of(m)) == sorted(first)
+
+        async def sent() -> bool:
+            return publisher.in_flight == 0
+
+        await await_until(sent, 10, "the held publishes to be confirmed")
+        assert publisher.lease == LEASE
+        tg.cancel_scope.cancel()
+    rt.direct = None
+
+
 async def test_without_a_direct_publisher_new_tasks_are_due_at_once(
     rt: Runtime, pool_name: str
 ) -> None:
