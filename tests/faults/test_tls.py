@@ -195,7 +195,7 @@ def test_agents_that_trust_the_wrong_ca_stop_with_a_clear_error(
         plane.logs / "wrong-ca-serve.log",
     )
     plane.processes.append(serve)
-    # Well within registration's retry window (RETRY_FOR, 30 s): a refused certificate is
+    # Well within registration's retry window (RETRY_FOR, 120 s): a refused certificate is
     # not retried as if the API were down.
     wait_until(
         lambda: all(p.popen.poll() is not None for p in [*agents.values(), serve]),
