@@ -13,6 +13,7 @@ import aio_pika
 import anyio
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiormq.exceptions import AMQPError
+from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from .relay import Due
 
 log = logging.getLogger("rexec.runtime")
+
+AGENT_QUEUE_WAIT = 5.0
+"""Seconds a registration waits for its agent's control queue before answering without it."""
 
 BROKER_ERRORS: tuple[type[Exception], ...] = (AMQPError, ConnectionError, OSError, RuntimeError)
 """What a broker outage raises. aiormq raises a bare ``RuntimeError`` ("... closed") to open a
@@ -74,6 +78,8 @@ class Runtime:
     """Pools this process has seen exist (pools are never deleted): submits skip the look."""
     submits: GroupCommit[dict[str, Any], str] | None = None
     """Writes concurrent single submits together (made by ``service.submit`` on first use)."""
+    background: TaskGroup | None = None
+    """Where work outlives the request that started it (``rexec serve`` sets it)."""
     direct: NewTaskPublisher | None = None
     """Publishes new tasks as their submit commits (``rexec serve`` runs it); without it the
     relay publishes them."""
@@ -109,7 +115,47 @@ class Runtime:
         await topology.declare_pool(self.channel, pool, self.settings.delivery_limit)
 
     async def declare_agent_queue(self, agent_id: str) -> None:
-        await topology.declare_agent_queue(self.channel, agent_id)
+        """Declare the agent's control queue, waiting for it at most ``AGENT_QUEUE_WAIT``.
+
+        Creating a quorum queue took over a minute on a broker loaded by bench W5 (100,000
+        tasks being consumed), so a registration waiting for it timed out. Past the wait the
+        declare goes on in the background and the registration answers; the agent looks for
+        its control queue until it appears. Each declare has a channel of its own: a channel
+        answers one declare at a time, and 50 agents registering at once waited in line."""
+        if self.background is None:
+            await self._declare_agent_queue(agent_id)
+            return
+        done = anyio.Event()
+        failure: list[Exception] = []
+
+        async def declare() -> None:
+            try:
+                await self._declare_agent_queue(agent_id)
+            except BROKER_ERRORS as exc:
+                failure.append(exc)
+                log.warning(
+                    "could not declare an agent's control queue",
+                    extra={"agent_id": agent_id, "error": repr(exc)},
+                )
+            finally:
+                done.set()
+
+        self.background.start_soon(declare)
+        with anyio.move_on_after(AGENT_QUEUE_WAIT):
+            await done.wait()
+        if failure:
+            raise failure[0]
+
+    async def _declare_agent_queue(self, agent_id: str) -> None:
+        channel = await self.connection.channel()
+        try:
+            await topology.declare_agent_queue(channel, agent_id)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await channel.close()
+                except BROKER_ERRORS as exc:
+                    log.debug("closing a declare's channel failed", extra={"error": repr(exc)})
 
     async def publish_control(self, agent_id: str, control: messages.Control) -> None:
         """Tell one agent to stop an attempt. Not mandatory: an agent whose control queue is

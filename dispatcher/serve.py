@@ -45,6 +45,7 @@ async def serve(settings: Settings) -> None:
             )
         )
         async with anyio.create_task_group() as tg:
+            rt.background = tg
             if settings.outbox_lease > 0:
                 rt.direct = DirectPublisher(rt)
                 await tg.start(rt.direct.run)

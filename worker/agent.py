@@ -70,6 +70,9 @@ from .secrets import (
 log = logging.getLogger("rexec.agent")
 
 CONTROL_PREFETCH = 64
+CONTROL_LOOK_AGAIN = 0.5
+CONTROL_LOOK_AGAIN_MAX = 10.0
+"""Seconds between looks for a control queue the dispatcher has not declared yet (doubling)."""
 SHUTDOWN_GRACE = 30.0
 """Seconds the drain waits for stopped attempts to report, after the drain timeout."""
 OFFLINE_TIMEOUT = 10.0
@@ -394,7 +397,7 @@ class Agent:
                             at=time.time(),
                         )
                     )
-                    await self._start_control(connection)
+                    work.start_soon(self._start_control, connection)
                     await self._intake.start()
                     work.start_soon(self._intake.run)
                     work.start_soon(self._consume, work)
@@ -459,19 +462,30 @@ class Agent:
         return False
 
     async def _start_control(self, connection: AbstractRobustConnection) -> None:
-        """Consume ``rexec.agent.<id>`` if the dispatcher declared it (checked passively)."""
+        """Consume ``rexec.agent.<id>`` once the dispatcher has declared it (checked passively).
+
+        On a loaded broker the declare may finish after the registration answered, so look
+        again until the queue appears; meanwhile cancel requests arrive as cancel markers."""
         name = names.agent_queue(self.agent_id)
-        channel = await connection.channel()
-        try:
-            queue = await channel.declare_queue(name, passive=True)
-        except aio_pika.exceptions.ChannelClosed:
-            self._log(
-                logging.WARNING,
-                "no control queue: cancel requests reach this agent only as cancel markers",
-                queue=name,
-            )
-            await _close_quietly(channel)
-            return
+        delay = CONTROL_LOOK_AGAIN
+        while True:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+                break
+            except aio_pika.exceptions.ChannelClosed:
+                await _close_quietly(channel)
+            if delay == CONTROL_LOOK_AGAIN:
+                self._log(
+                    logging.WARNING,
+                    "no control queue yet: cancel requests reach this agent as cancel markers "
+                    "until it appears",
+                    queue=name,
+                )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, CONTROL_LOOK_AGAIN_MAX)
+        if delay != CONTROL_LOOK_AGAIN:
+            self._log(logging.INFO, "control queue found", queue=name)
         await channel.set_qos(prefetch_count=CONTROL_PREFETCH)
         control = ControlHandler(self.attempts, self.agent_id, self._lease_lost)
         await queue.consume(control.on_message)

@@ -7,6 +7,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from dispatcher import topology
 from schemas import messages, names
 from schemas.settings import Settings
 from tests.worker.harness import Broker, alive, running_agent, task, until
@@ -98,3 +99,25 @@ async def test_runs_without_a_control_queue(
 ) -> None:
     async with running_agent(broker, agent_settings, pool, control=False):
         assert isinstance(await broker.run(pool, task(pool)), messages.Succeeded)
+
+
+async def test_a_control_queue_declared_after_the_agent_started_is_consumed_once_it_appears(
+    broker: Broker,
+    agent_settings: Settings,
+    pool: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On a loaded broker the dispatcher may finish declaring the queue after it answered the
+    registration: the agent keeps looking, and cancel requests then reach it."""
+    pidfile = tmp_path / "pid"
+    caplog.set_level("INFO", logger="rexec.agent")
+    async with running_agent(broker, agent_settings, pool, control=False) as agent:
+        await until(lambda: "no control queue yet" in caplog.text, 5, "the agent to miss its queue")
+        await topology.declare_agent_queue(broker.channel, agent.agent_id)
+        await until(lambda: "control queue found" in caplog.text, 15, "the agent to find it")
+        message = await start_long_task(broker, pool, pidfile)
+        await broker.control(
+            agent.agent_id, messages.Control(action="cancel", task_id=message.task_id, attempt=1)
+        )
+        assert isinstance(await broker.terminal(message.task_id, within=5), messages.Cancelled)
