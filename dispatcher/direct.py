@@ -22,12 +22,9 @@ import time
 from collections.abc import Sequence
 
 import anyio
-from aio_pika.abc import AbstractChannel, AbstractExchange
 from anyio.abc import TaskGroup, TaskStatus
 from sqlalchemy import delete, update
 from sqlalchemy.exc import SQLAlchemyError
-
-from schemas import names
 
 from .db.models import Outbox
 from .relay import BATCH_SIZE, Due, publish
@@ -51,7 +48,6 @@ class DirectPublisher:
     def __init__(self, rt: Runtime) -> None:
         self._rt = rt
         self._tg: TaskGroup | None = None
-        self._exchange: tuple[AbstractChannel, AbstractExchange] | None = None
         self._confirmed: list[int] = []
         """Outbox ids whose publish the broker confirmed: to delete."""
         self._unpublished: list[int] = []
@@ -84,7 +80,7 @@ class DirectPublisher:
 
     async def _publish(self, rows: list[Due]) -> None:
         try:
-            confirmed, failure = await publish(self._rt, await self._tasks_exchange(), rows)
+            confirmed, failure = await publish(self._rt, await self._rt.tasks_exchange(), rows)
         except Exception as exc:  # broker gone, or a bug: the relay is the backstop either way
             confirmed, failure = [], exc
         finally:
@@ -98,12 +94,6 @@ class DirectPublisher:
                 extra={"tasks": len(rows) - len(done), "error": repr(failure)},
             )
         self._settle.set()
-
-    async def _tasks_exchange(self) -> AbstractExchange:
-        channel = self._rt.channel  # renewed after a nack: look the exchange up on the new one
-        if self._exchange is None or self._exchange[0] is not channel:
-            self._exchange = (channel, await channel.get_exchange(names.TASKS_EXCHANGE))
-        return self._exchange[1]
 
     async def _settle_rows(self) -> None:
         """Delete confirmed rows and make failed ones due, in one transaction for everything

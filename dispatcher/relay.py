@@ -134,13 +134,11 @@ _DUE_COLUMNS = (
 
 
 async def run_relay(rt: Runtime) -> None:
-    channel, exchange = rt.channel, await rt.exchange(names.TASKS_EXCHANGE)
+    await rt.tasks_exchange()
     while True:
         rt.relay_wakeup = anyio.Event()
         try:
-            if rt.channel is not channel:  # renewed after a nack
-                channel, exchange = rt.channel, await rt.exchange(names.TASKS_EXCHANGE)
-            published, next_due = await relay_once(rt, exchange)
+            published, next_due = await relay_once(rt, await rt.tasks_exchange())
         except BROKER_ERRORS as exc:
             log.warning("relay could not publish, will retry", extra={"error": str(exc)})
             await anyio.sleep(0.5)

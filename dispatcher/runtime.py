@@ -85,6 +85,9 @@ class Runtime:
     relay publishes them."""
     batch_sizes: BatchSizes = field(init=False)
     """How many attempts the relay puts in one message, per pool."""
+    _tasks_exchange: tuple[AbstractChannel, AbstractExchange] | None = field(
+        default=None, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.batch_sizes = BatchSizes(self.settings.tasks_per_message)
@@ -110,6 +113,14 @@ class Runtime:
 
     async def exchange(self, name: str) -> AbstractExchange:
         return await self.channel.get_exchange(name)
+
+    async def tasks_exchange(self) -> AbstractExchange:
+        """``rexec.tasks`` on the publishing channel, looked up once per channel (again after
+        ``renew_channel``): the relay and the direct publisher share it."""
+        channel = self.channel
+        if self._tasks_exchange is None or self._tasks_exchange[0] is not channel:
+            self._tasks_exchange = (channel, await channel.get_exchange(names.TASKS_EXCHANGE))
+        return self._tasks_exchange[1]
 
     async def declare_pool(self, pool: str) -> None:
         await topology.declare_pool(self.channel, pool, self.settings.delivery_limit)
