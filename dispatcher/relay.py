@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import aio_pika
 import anyio
@@ -112,6 +112,13 @@ class Due(NamedTuple):
     def live(self) -> bool:
         return self.state == TaskState.QUEUED and self.task_attempt == self.attempt
 
+    @classmethod
+    def first_attempt(cls, task: Mapping[str, Any], outbox_id: int) -> Due:
+        """A new task's first attempt, from the column values its submit inserted (the fields
+        after the four outbox ones are the task's columns, by name)."""
+        columns = (task[name] for name in cls._fields[4:])
+        return cls(outbox_id, 1, task["state"], 1, *columns)
+
 
 _DUE_COLUMNS = (
     Outbox.id,
@@ -134,7 +141,7 @@ _DUE_COLUMNS = (
 
 
 async def run_relay(rt: Runtime) -> None:
-    await rt.tasks_exchange()
+    await rt.tasks_exchange()  # a missing exchange fails start-up, not the first round
     while True:
         rt.relay_wakeup = anyio.Event()
         try:

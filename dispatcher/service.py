@@ -440,7 +440,7 @@ async def _insert_outbox(
     )
     for row, outbox_id in zip(new, outbox_ids, strict=True):
         if row["pool"] in direct:
-            accepted.direct.append(_due(row, outbox_id))
+            accepted.direct.append(Due.first_attempt(row, outbox_id))
         else:
             accepted.relayed = True
 
@@ -454,27 +454,6 @@ async def _direct_pools(session: AsyncSession, pools: set[str]) -> set[str]:
         )
     )
     return set(found)
-
-
-def _due(row: dict[str, Any], outbox_id: int) -> Due:
-    return Due(
-        outbox_id=outbox_id,
-        attempt=1,
-        state=row["state"],
-        task_attempt=1,
-        id=row["id"],
-        pool=row["pool"],
-        kind=row["kind"],
-        target=row["target"],
-        argv_json=row["argv_json"],
-        args_json=row["args_json"],
-        kwargs_json=row["kwargs_json"],
-        secrets_json=row["secrets_json"],
-        timeout=row["timeout"],
-        expires_at=row["expires_at"],
-        created_at=row["created_at"],
-        trace_parent=row["trace_parent"],
-    )
 
 
 async def _load_task(session: AsyncSession, task_id: str, *, for_update: bool = False) -> Task:
