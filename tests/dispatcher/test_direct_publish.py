@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -28,17 +30,29 @@ pytestmark = pytest.mark.anyio
 LEASE = 5.0
 
 
-@pytest.fixture
-async def direct(rt: Runtime) -> AsyncIterator[DirectPublisher]:
-    """The runtime with its direct publisher running, as ``rexec serve`` runs it (no relay)."""
+Publisher = TypeVar("Publisher", bound=DirectPublisher)
+
+
+@asynccontextmanager
+async def running(
+    rt: Runtime, publisher: Publisher, lease: float = LEASE
+) -> AsyncIterator[Publisher]:
+    """``publisher`` running as the runtime's, as ``rexec serve`` runs it (no relay)."""
+    rt.settings = msgspec.structs.replace(rt.settings, outbox_lease=lease)
     async with anyio.create_task_group() as tg:
-        rt.settings = msgspec.structs.replace(rt.settings, outbox_lease=LEASE)
-        publisher = DirectPublisher(rt)
         rt.direct = publisher
         await tg.start(publisher.run)
+        try:
+            yield publisher
+        finally:
+            tg.cancel_scope.cancel()
+            rt.direct = None
+
+
+@pytest.fixture
+async def direct(rt: Runtime) -> AsyncIterator[DirectPublisher]:
+    async with running(rt, DirectPublisher(rt)) as publisher:
         yield publisher
-        tg.cancel_scope.cancel()
-    rt.direct = None
 
 
 def add(pool: str, i: int = 0) -> SubmitTask:
@@ -85,10 +99,7 @@ async def test_the_outbox_row_waits_for_the_lease_until_the_publish_is_confirmed
             self.held = list(rows)
 
     await make_pool(rt, pool_name)
-    async with anyio.create_task_group() as tg:
-        rt.settings = msgspec.structs.replace(rt.settings, outbox_lease=LEASE)
-        rt.direct = publisher = Holds(rt)
-        await tg.start(publisher.run)
+    async with running(rt, Holds(rt)) as publisher:
         before = time.time()
         view, _ = await service.submit(rt, add(pool_name))
         [row] = await outbox_rows(rt, [view.id])
@@ -98,8 +109,6 @@ async def test_the_outbox_row_waits_for_the_lease_until_the_publish_is_confirmed
             pass  # other tests' rows share the database: relay until the due ones are out
         assert [row.id for row in await outbox_rows(rt, [view.id])] == [row.id], "not relayed"
         assert [due.id for due in publisher.held] == [view.id]
-        tg.cancel_scope.cancel()
-    rt.direct = None
 
 
 async def test_a_task_committed_by_a_dispatcher_that_died_before_publishing_is_relayed(
@@ -113,14 +122,8 @@ async def test_a_task_committed_by_a_dispatcher_that_died_before_publishing_is_r
             """Nothing: the process is gone before it publishes."""
 
     await make_pool(rt, pool_name)
-    lease = 0.5
-    async with anyio.create_task_group() as tg:
-        rt.settings = msgspec.structs.replace(rt.settings, outbox_lease=lease)
-        rt.direct = DiesAfterCommit(rt)
-        await tg.start(rt.direct.run)
+    async with running(rt, DiesAfterCommit(rt), lease=0.5):
         ids = await service.submit_batch(rt, [add(pool_name, i) for i in range(3)])
-        tg.cancel_scope.cancel()
-    rt.direct = None
     exchange = await rt.exchange(names.TASKS_EXCHANGE)
 
     async def relayed() -> bool:
@@ -205,10 +208,7 @@ async def test_rows_beyond_the_in_flight_bound_are_left_to_the_relay(
 
     monkeypatch.setattr("dispatcher.direct.MAX_IN_FLIGHT", 3)
     await make_pool(rt, pool_name)
-    async with anyio.create_task_group() as tg:
-        rt.settings = msgspec.structs.replace(rt.settings, outbox_lease=LEASE)
-        rt.direct = publisher = SlowBroker(rt)
-        await tg.start(publisher.run)
+    async with running(rt, SlowBroker(rt)) as publisher:
         first = await service.submit_batch(rt, [add(pool_name, i) for i in range(3)])
         assert (publisher.in_flight, publisher.lease) == (3, 0), "full while those are sent"
         late, _ = await service.submit(rt, add(pool_name, 3))
@@ -223,8 +223,6 @@ async def test_rows_beyond_the_in_flight_bound_are_left_to_the_relay(
 
         await await_until(sent, 10, "the held publishes to be confirmed")
         assert publisher.lease == LEASE
-        tg.cancel_scope.cancel()
-    rt.direct = None
 
 
 async def test_without_a_direct_publisher_new_tasks_are_due_at_once(
