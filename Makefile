@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rexec-installed
 
 # Only the folders that exist (an empty folder is not in a fresh clone).
-CODE_DIRS := $(wildcard schemas dispatcher worker client tests demo bench)
+CODE_DIRS := $(wildcard rexec schemas dispatcher worker client tests demo bench)
 PYTEST_WORKERS ?= 2
 PYTEST_DEADLINE ?= 1500
 PYTEST_ARGS ?=

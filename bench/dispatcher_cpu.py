@@ -26,16 +26,16 @@ from typing import Any, cast
 import aio_pika
 from sqlalchemy import insert
 
-from dispatcher.db.engine import make_engine, make_sessionmaker
-from dispatcher.db.migrate import upgrade
-from dispatcher.db.models import Outbox, Pool, Task
-from dispatcher.events import apply_events
-from dispatcher.relay import relay_once
-from dispatcher.runtime import Runtime
-from schemas import messages
-from schemas.names import RedisKeys
-from schemas.settings import Settings
-from schemas.signing import Signer, generate_private_key
+from rexec.dispatcher.db.engine import make_engine, make_sessionmaker
+from rexec.dispatcher.db.migrate import upgrade
+from rexec.dispatcher.db.models import Outbox, Pool, Task
+from rexec.dispatcher.events import apply_events
+from rexec.dispatcher.relay import relay_once
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import messages
+from rexec.schemas.names import RedisKeys
+from rexec.schemas.settings import Settings
+from rexec.schemas.signing import Signer, generate_private_key
 
 POOL = "bench"
 AGENT = "bench-agent-1"

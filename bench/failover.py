@@ -27,9 +27,9 @@ from rich.table import Table
 
 from bench.infra import RunContext, isolated_run
 from bench.procs import ManagedProcess, start_module, stop_all, wait_until
-from client import RexecClient
-from schemas.api import TaskState
-from schemas.settings import Settings
+from rexec.client import RexecClient
+from rexec.schemas.api import TaskState
+from rexec.schemas.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = 4
@@ -65,7 +65,7 @@ def one_failover(mode: signal.Signals, ttl: float, interval: float, api_port: in
         try:
             processes.append(
                 start_module(
-                    "dispatcher", "dispatcher.cli", ["serve"], env, ctx.log_dir / "dispatcher.log"
+                    "dispatcher", "rexec.client.cli", ["serve"], env, ctx.log_dir / "dispatcher.log"
                 )
             )
             client = RexecClient(env["REXEC_API_URL"], api_key=env["REXEC_API_KEY"])
@@ -84,7 +84,7 @@ def one_failover(mode: signal.Signals, ttl: float, interval: float, api_port: in
                 ]
                 proc = start_module(
                     name,
-                    "worker.cli",
+                    "rexec.worker.cli",
                     argv,
                     {**env, "REXEC_AGENT_TOKEN": token},
                     ctx.log_dir / f"{name}.log",

@@ -26,8 +26,8 @@ import pika.exceptions
 import psutil
 
 from bench.procs import ManagedProcess, wait_until
-from schemas import names
-from schemas.api import SubmitTask, TaskState
+from rexec.schemas import names
+from rexec.schemas.api import SubmitTask, TaskState
 
 if TYPE_CHECKING:
     from bench.systems.rexec_system import RexecSystem

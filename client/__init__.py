@@ -1,6 +1,6 @@
 """Python client of the rexec Remote Execution API, sync and async, with the CLI's verbs.
 
->>> from client import RexecClient
+>>> from rexec.client import RexecClient
 >>> with RexecClient() as rexec:                        # REXEC_API_URL, default :8600
 ...     task = rexec.submit("etl", "myapp.jobs:resize", args=["a.png"])
 ...     [done] = rexec.wait([task.id], timeout=60)
@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from schemas.api import (
+from rexec.schemas.api import (
     AgentView,
     PoolView,
     SubmitTask,

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import anyio
 import httpx
 
-from schemas.api import (
+from rexec.schemas.api import (
     AgentView,
     ApiKeyCreated,
     ApiKeyView,
@@ -161,7 +161,7 @@ class AsyncRexecClient:
 
     async def log_grant(self, task_id: str, attempt: int | None = None) -> LogGrant:
         """Where an attempt's log is, and a short-lived grant to read it from its agent
-        (:func:`client.agentlog.stream_agent_log` does the reading)."""
+        (:func:`rexec.client.agentlog.stream_agent_log` does the reading)."""
         return await self._run(_calls.log_grant(task_id, attempt))
 
     # pools

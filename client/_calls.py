@@ -12,8 +12,8 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from schemas import tls
-from schemas.api import (
+from rexec.schemas import tls
+from rexec.schemas.api import (
     API_PREFIX,
     AgentView,
     ApiKeyCreate,

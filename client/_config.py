@@ -6,8 +6,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from schemas import tls
-from schemas.settings import load_settings
+from rexec.schemas import tls
+from rexec.schemas.settings import load_settings
 
 from . import _credentials
 from ._calls import RexecError

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from schemas.settings import Settings
+from rexec.schemas.settings import Settings
 
 MODE = 0o600
 

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from schemas.api import (
+from rexec.schemas.api import (
     AgentView,
     ApiKeyCreated,
     ApiKeyView,
@@ -151,7 +151,7 @@ class RexecClient:
 
     def log_grant(self, task_id: str, attempt: int | None = None) -> LogGrant:
         """Where an attempt's log is, and a short-lived grant to read it from its agent
-        (:func:`client.agentlog.stream_agent_log` does the reading)."""
+        (:func:`rexec.client.agentlog.stream_agent_log` does the reading)."""
         return self._run(_calls.log_grant(task_id, attempt))
 
     # pools

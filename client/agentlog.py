@@ -1,6 +1,6 @@
 """Reading a task's log from the agent that keeps it (task logs stay in the execution plane).
 
-Take a :class:`~schemas.api.LogGrant` from ``RexecClient.log_grant``, then stream the log from
+Take a :class:`~rexec.schemas.api.LogGrant` from ``RexecClient.log_grant``, then stream the log from
 the agent's log server with it. Anything that stops the read (no log URL, the agent gone, a
 refusal) raises :class:`AgentLogUnavailable` whose text says why.
 """
@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import httpx
 
-from schemas.api import LogGrant
+from rexec.schemas.api import LogGrant
 
 CONNECT_TIMEOUT = 5.0
 

@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from client import RexecClient, RexecError
-from schemas.api import SubmitTask, TaskView
+from rexec.client import RexecClient, RexecError
+from rexec.schemas.api import SubmitTask, TaskView
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKDIR = ROOT / ".demo"
@@ -85,7 +85,7 @@ def main() -> int:
     }
     with processes() as started:
         console.print("[bold]rexec demo[/]: starting the dispatcher (rexec serve)")
-        dispatcher = started("dispatcher", ["dispatcher.cli", "serve"], env)
+        dispatcher = started("dispatcher", ["rexec.client.cli", "serve"], env)
         client = RexecClient(env["REXEC_API_URL"], api_key=env["REXEC_API_KEY"])
         wait_for_api(client, dispatcher)
         tasks = workload()
@@ -94,7 +94,7 @@ def main() -> int:
             client.create_pool(pool, description=f"demo pool {pool}")
             secret = client.create_token(pool, name="demo").secret
             allow = ["--allow", "demo.tasks:*", "--allow", "echo"]
-            argv = ["worker.cli", "--pool", pool, "--concurrency", str(concurrency), *allow]
+            argv = ["rexec.worker.cli", "--pool", pool, "--concurrency", str(concurrency), *allow]
             agents.append(started(f"agent-{pool}", argv, {**env, "REXEC_AGENT_TOKEN": secret}))
             console.print(f"started an agent for pool [cyan]{pool}[/] (concurrency {concurrency})")
         total = sum(len(batch) for batch in tasks.values())

@@ -1,6 +1,6 @@
-"""The Remote Execution API over HTTP: a Litestar app around :mod:`dispatcher.service`.
+"""The Remote Execution API over HTTP: a Litestar app around :mod:`rexec.dispatcher.service`.
 
-Litestar decodes and encodes the msgspec structs of ``schemas.api`` natively and derives the
+Litestar decodes and encodes the msgspec structs of ``rexec.schemas.api`` natively and derives the
 OpenAPI document (``/schema/openapi.json``) from them. Every error is an ``ErrorBody`` whose
 ``error`` says what was wrong; nothing the client did wrong becomes a 500.
 """
@@ -36,8 +36,8 @@ from litestar.status_codes import (
 )
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from schemas import tracing
-from schemas.api import (
+from rexec.schemas import tracing
+from rexec.schemas.api import (
     API_PREFIX,
     AgentRegister,
     AgentRegistered,

@@ -13,7 +13,7 @@ import uuid
 
 from sqlalchemy import select
 
-from schemas.api import ApiKeyCreate, ApiKeyCreated, ApiKeyView, Role
+from rexec.schemas.api import ApiKeyCreate, ApiKeyCreated, ApiKeyView, Role
 
 from .db.models import ApiKey
 from .runtime import Runtime

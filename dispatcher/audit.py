@@ -14,7 +14,7 @@ import msgspec
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from schemas.api import AuditEntry, Principal, TaskHistoryEntry
+from rexec.schemas.api import AuditEntry, Principal, TaskHistoryEntry
 
 from .db.models import AuditEvent
 from .runtime import Runtime

@@ -26,7 +26,7 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.spec import Reference, SecurityScheme
 from sqlalchemy.exc import SQLAlchemyError
 
-from schemas.api import Principal, Role
+from rexec.schemas.api import Principal, Role
 
 from . import apikeys
 from .runtime import Runtime

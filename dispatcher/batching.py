@@ -19,7 +19,7 @@ from typing import TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from schemas import messages
+from rexec.schemas import messages
 
 from .db.models import Agent
 from .limits import Pooled

@@ -23,7 +23,7 @@ import anyio
 from redis.exceptions import RedisError
 from sqlalchemy import or_, select
 
-from schemas.api import ScopedCredentials
+from rexec.schemas.api import ScopedCredentials
 
 from .db.models import Agent
 from .management import Management, ManagementError

@@ -21,8 +21,8 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from schemas import messages, names, tracing
-from schemas.api import TaskState
+from rexec.schemas import messages, names, tracing
+from rexec.schemas.api import TaskState
 
 from . import credentials, statemachine, transitions
 from .db.models import Agent

@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from schemas.api import TaskState
+from rexec.schemas.api import TaskState
 
 from .db.models import Outbox, Pool, Task
 

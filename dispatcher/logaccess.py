@@ -1,5 +1,5 @@
 """Access to task logs, which stay on the agents: the dispatcher knows where they are and signs
-short-lived grants (``schemas.loggrant``) for reading one attempt's log from its agent."""
+short-lived grants (``rexec.schemas.loggrant``) for reading one attempt's log from its agent."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from schemas import loggrant
-from schemas.api import LogGrant, TaskState
+from rexec.schemas import loggrant
+from rexec.schemas.api import LogGrant, TaskState
 
 from .db.models import Agent, TaskLog, TaskTransition
 from .runtime import Runtime

@@ -18,9 +18,9 @@ from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
-from schemas import names
-from schemas.amqp import vhost_of
-from schemas.settings import Settings
+from rexec.schemas import names
+from rexec.schemas.amqp import vhost_of
+from rexec.schemas.settings import Settings
 
 log = logging.getLogger("rexec.management")
 

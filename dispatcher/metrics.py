@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from redis.exceptions import RedisError
 from sqlalchemy import func, select
 
-from schemas import names
+from rexec.schemas import names
 
 from .db.models import Pool, Task
 

@@ -25,8 +25,8 @@ from pamqp.commands import Basic
 from pamqp.common import FieldValue
 from sqlalchemy import delete, func, select
 
-from schemas import messages, names, signing, tracing
-from schemas.api import TaskState
+from rexec.schemas import messages, names, signing, tracing
+from rexec.schemas.api import TaskState
 
 from . import limits
 from .db.models import Outbox, Pool, Task

@@ -17,12 +17,12 @@ from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from schemas import messages, names
-from schemas.amqp import connect_cluster
-from schemas.names import RedisKeys
-from schemas.redis_client import open_redis
-from schemas.settings import Settings
-from schemas.signing import Signer
+from rexec.schemas import messages, names
+from rexec.schemas.amqp import connect_cluster
+from rexec.schemas.names import RedisKeys
+from rexec.schemas.redis_client import open_redis
+from rexec.schemas.settings import Settings
+from rexec.schemas.signing import Signer
 
 from . import topology
 from .batching import BatchSizes

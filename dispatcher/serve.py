@@ -8,9 +8,9 @@ import anyio
 import uvicorn
 from aiormq.exceptions import AMQPConnectionError
 
-from schemas import logs, tls, tracing
-from schemas.amqp import BrokerUnreachable, parse_amqp_urls, safe_url
-from schemas.settings import Settings
+from rexec.schemas import logs, tls, tracing
+from rexec.schemas.amqp import BrokerUnreachable, parse_amqp_urls, safe_url
+from rexec.schemas.settings import Settings
 
 from . import credentials
 from .api import create_app

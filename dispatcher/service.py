@@ -1,7 +1,7 @@
 """The service layer behind the Remote Execution API: validation, database work, broker calls.
 
-Every function takes the :class:`~dispatcher.runtime.Runtime` and returns API bodies from
-``schemas.api``. Errors are :class:`ServiceError` subclasses whose message says what was wrong
+Every function takes the :class:`~rexec.dispatcher.runtime.Runtime` and returns API bodies from
+``rexec.schemas.api``. Errors are :class:`ServiceError` subclasses whose message says what was wrong
 and what to do; the HTTP layer maps each class to a status code. State changes of existing
 tasks go through the state machine (``statemachine`` decides, ``transitions`` writes).
 """
@@ -28,9 +28,9 @@ from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from schemas import messages, tracing
-from schemas.amqp import connection_up
-from schemas.api import (
+from rexec.schemas import messages, tracing
+from rexec.schemas.amqp import connection_up
+from rexec.schemas.api import (
     TERMINAL_STATES,
     AgentRegister,
     AgentRegistered,
@@ -45,8 +45,8 @@ from schemas.api import (
     TokenCreated,
     TokenView,
 )
-from schemas.names import validate_pool_name, validate_secret_names
-from schemas.settings import Settings
+from rexec.schemas.names import validate_pool_name, validate_secret_names
+from rexec.schemas.settings import Settings
 
 from . import audit, credentials, statemachine, transitions
 from .db.models import Agent, Outbox, Pool, Task, TaskTransition, Token

@@ -14,8 +14,8 @@ import time
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from schemas.settings import Settings, key_list
-from schemas.signing import Signer, Verifier, generate_private_key
+from rexec.schemas.settings import Settings, key_list
+from rexec.schemas.signing import Signer, Verifier, generate_private_key
 
 from .db.models import DispatcherKey
 

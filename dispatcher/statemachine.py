@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from schemas.api import TaskState
-from schemas.messages import (
+from rexec.schemas.api import TaskState
+from rexec.schemas.messages import (
     HELD_ELSEWHERE,
     Cancelled,
     Expired,

@@ -12,7 +12,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel
 from pamqp.common import FieldTable
 
-from schemas import names
+from rexec.schemas import names
 
 AGENT_QUEUE_EXPIRES_MS = 3_600_000
 """An agent's control queue disappears an hour after its agent stopped consuming it."""

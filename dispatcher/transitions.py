@@ -14,8 +14,8 @@ from typing import Any, Protocol
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from schemas import messages
-from schemas.api import TaskState
+from rexec.schemas import messages
+from rexec.schemas.api import TaskState
 
 from .db.models import Base, Outbox, Task, TaskLog, TaskTransition
 from .statemachine import Snapshot, Transition

@@ -22,8 +22,8 @@ import anyio
 from redis.exceptions import RedisError
 from sqlalchemy import delete, select
 
-from schemas import messages, names
-from schemas.api import TaskState
+from rexec.schemas import messages, names
+from rexec.schemas.api import TaskState
 
 from . import statemachine, transitions
 from .db.models import Agent, Outbox, Task

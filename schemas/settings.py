@@ -18,7 +18,7 @@ from .redis_url import check_redis_url
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str = "sqlite+aiosqlite:///rexec.db"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    """RabbitMQ: one URL, or the nodes of one cluster separated by commas (``schemas.amqp``)."""
+    """RabbitMQ: one URL, or the nodes of one cluster separated by commas (``rexec.schemas.amqp``)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "rexec"
     api_url: str = "http://127.0.0.1:8600"

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import redis
 
-from schemas.names import AGENT_USER_PREFIX
-from schemas.settings import Settings, load_settings
+from rexec.schemas.names import AGENT_USER_PREFIX
+from rexec.schemas.settings import Settings, load_settings
 from tests.support import SIGNER, SIGNING_KEY
 
 AMQP_HOST = os.environ.get("REXEC_TEST_AMQP_HOST", "127.0.0.1:5672")
@@ -128,7 +128,7 @@ def postgres_url(run_id: str) -> Iterator[str]:
     name = f"rexec_test_{run_id.replace('-', '_')}"
     anyio.run(_admin, f'CREATE DATABASE "{name}"')
     url = f"postgresql+asyncpg://{POSTGRES_DSN.split('://', 1)[1]}/{name}"
-    from dispatcher.db.migrate import upgrade
+    from rexec.dispatcher.db.migrate import upgrade
 
     upgrade(url)
     yield url
@@ -146,7 +146,7 @@ async def _admin(statement: str) -> None:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     url = f"sqlite+aiosqlite:///{tmp_path / 'rexec.db'}"
-    from dispatcher.db.migrate import upgrade
+    from rexec.dispatcher.db.migrate import upgrade
 
     upgrade(url)
     return url

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-from schemas import messages
-from worker import agent, cli
+from rexec.schemas import messages
+from rexec.worker import agent, cli
 
 
 def _decode_without_batches(

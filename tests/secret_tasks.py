@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from worker.context import secret
+from rexec.worker.context import secret
 
 
 def digest(name: str) -> str:

@@ -17,7 +17,7 @@ from typing import TypeVar
 import anyio
 import httpx
 
-from schemas.signing import Signer, generate_private_key
+from rexec.schemas.signing import Signer, generate_private_key
 
 T = TypeVar("T")
 
@@ -65,7 +65,9 @@ def free_port() -> int:
 class Process:
     """A rexec process started by a test; its output goes to a log file shown on failure."""
 
-    def __init__(self, argv: list[str], env: Mapping[str, str], log: Path) -> None:
+    def __init__(
+        self, argv: list[str], env: Mapping[str, str], log: Path, cwd: Path = REPO
+    ) -> None:
         self.argv = argv
         self.log = log
         self._log_file = log.open("wb")
@@ -74,7 +76,7 @@ class Process:
             env={**os.environ, **env},
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=cwd,
             start_new_session=True,
         )
 

@@ -34,12 +34,12 @@ from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from schemas import messages, names, signing, tls, tracing
-from schemas.amqp import connect_cluster, connection_up, parse_amqp_urls, safe_url
-from schemas.names import LEASE_TOMBSTONE, RedisKeys
-from schemas.redis_client import open_redis
-from schemas.redis_url import RedisURLError
-from schemas.settings import Settings, key_list
+from rexec.schemas import messages, names, signing, tls, tracing
+from rexec.schemas.amqp import connect_cluster, connection_up, parse_amqp_urls, safe_url
+from rexec.schemas.names import LEASE_TOMBSTONE, RedisKeys
+from rexec.schemas.redis_client import open_redis
+from rexec.schemas.redis_url import RedisURLError
+from rexec.schemas.settings import Settings, key_list
 
 from . import spans
 from .allow import allowed, preload_modules, refusal, task_target

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
-from schemas.messages import TaskMessage
+from rexec.schemas.messages import TaskMessage
 
 
 def task_target(task: TaskMessage) -> str:

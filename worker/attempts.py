@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from schemas.messages import TaskMessage
+from rexec.schemas.messages import TaskMessage
 
 
 class StopReason(enum.StrEnum):

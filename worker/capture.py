@@ -11,7 +11,7 @@ import logging
 
 import anyio
 
-from schemas import messages
+from rexec.schemas import messages
 
 from .logstore import AttemptLog, LogStore, Mask
 

@@ -1,4 +1,4 @@
-"""A persistent child process that runs function tasks for the agent (``python -m worker.child``).
+"""A persistent child process that runs function tasks for the agent (``python -m rexec.worker.child``).
 
 The agent keeps a few of these alive and sends them one call at a time over stdin/stdout, so
 a task costs a pipe round trip rather than a Python start-up. The agent kills a child to stop
@@ -312,7 +312,7 @@ def serve(frames_in: int, capture: Capture, runner: Runner) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.child")
+    parser = argparse.ArgumentParser(prog="python -m rexec.worker.child")
     parser.add_argument("--max-result-bytes", type=int, default=256 * 1024)
     parser.add_argument("--parent", type=int, default=0)
     parser.add_argument("--preload", action="append", default=[], metavar="MODULE")

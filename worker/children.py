@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
-from pathlib import Path
 
 import anyio
 from anyio.abc import ByteReceiveStream, Process, TaskGroup
@@ -27,7 +26,6 @@ from .secrets.masking import Masker
 
 log = logging.getLogger("rexec.agent.children")
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 _RESPAWN_BACKOFF_MAX = 5.0
 _OUTPUT_LINE_MAX = 64 * 1024
 """A task's output is forwarded in lines (so a secret is never split across two masked
@@ -118,8 +116,9 @@ class ChildPool:
     def argv(self) -> list[str]:
         return [
             sys.executable,
+            "-P",  # neither the working directory nor a customer's package shadows rexec
             "-m",
-            "worker.child",
+            "rexec.worker.child",
             "--max-result-bytes",
             str(self.max_result_bytes),
             "--parent",
@@ -128,12 +127,7 @@ class ChildPool:
         ]
 
     def _env(self) -> dict[str, str]:
-        env = task_environment(hidden_prefixes=self.hidden_env)
-        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if _PACKAGE_ROOT not in paths:
-            paths.append(_PACKAGE_ROOT)
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-        return env
+        return task_environment(hidden_prefixes=self.hidden_env)
 
     async def spawn(self) -> Child:
         process = await anyio.open_process(

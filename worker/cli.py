@@ -14,10 +14,10 @@ import sys
 
 import anyio
 
-from schemas import logs, messages, tracing
-from schemas.api import AgentRegister
-from schemas.names import validate_pool_name
-from schemas.settings import Settings, load_settings
+from rexec.schemas import logs, messages, tracing
+from rexec.schemas.api import AgentRegister
+from rexec.schemas.names import validate_pool_name
+from rexec.schemas.settings import Settings, load_settings
 
 from .agent import Agent, AgentError
 from .credentials import registered_settings

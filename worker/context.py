@@ -34,7 +34,7 @@ def secret_names() -> list[str]:
 
 
 def _bind(values: Mapping[str, str]) -> None:
-    """Called by the child around each call (``worker.child``)."""
+    """Called by the child around each call (``rexec.worker.child``)."""
     _current.clear()
     _current.update(values)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from schemas import messages
+from rexec.schemas import messages
 
 from .attempts import Attempts, StopReason
 

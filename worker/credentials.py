@@ -12,9 +12,9 @@ from urllib.parse import quote
 import msgspec
 from yarl import URL
 
-from schemas.api import AgentRegistered
-from schemas.redis_url import is_sentinel
-from schemas.settings import Settings, key_list
+from rexec.schemas.api import AgentRegistered
+from rexec.schemas.redis_url import is_sentinel
+from rexec.schemas.settings import Settings, key_list
 
 
 def with_login(url: str, user: str, password: str) -> str:

@@ -13,7 +13,7 @@ import aio_pika
 import anyio
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
-from schemas import names
+from rexec.schemas import names
 
 log = logging.getLogger("rexec.agent.deadletter")
 

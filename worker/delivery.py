@@ -18,7 +18,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from schemas import messages
+from rexec.schemas import messages
 
 log = logging.getLogger("rexec.agent.delivery")
 

@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import DeliveryError
 from pamqp.commands import Basic
 
-from schemas import messages
+from rexec.schemas import messages
 
 log = logging.getLogger("rexec.agent.events")
 

@@ -6,7 +6,7 @@ the stop reason, or the deadline, decides the event.
 
 The secrets a task names are resolved first, inside the same scope: one that cannot be
 resolved fails the attempt before its code runs. A command gets them in its environment, a
-function through ``worker.context.secret``; the ``Reporter`` masks their values in the event.
+function through ``rexec.worker.context.secret``; the ``Reporter`` masks their values in the event.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import anyio
 import msgspec
 
-from schemas import messages
+from rexec.schemas import messages
 
 from . import protocol
 from .attempts import Attempt, StopReason

@@ -5,9 +5,9 @@
 - ``GET /readyz``: 200 while the agent is connected to the broker and Redis and consumes its
   pool's queue; 503 with ``{"status": "unavailable", "reason": ...}`` otherwise (starting,
   draining, broker reconnecting, Redis unreachable, intake paused because every slot is busy).
-- ``GET /metrics``: the agent's Prometheus metrics (``worker.metrics``).
+- ``GET /metrics``: the agent's Prometheus metrics (``rexec.worker.metrics``).
 - ``GET /logs/<task_id>/<attempt>``: one attempt's log, against a grant the orchestration plane
-  signed (``worker.logserver``).
+  signed (``rexec.worker.logserver``).
 
 A tiny ASGI app served by uvicorn on the agent's own event loop. uvicorn's signal handling is
 turned off: SIGTERM belongs to the agent's drain.

@@ -17,7 +17,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError
 
-from schemas.names import RedisKeys
+from rexec.schemas.names import RedisKeys
 
 from .leases import LeaseStore, LostLease
 

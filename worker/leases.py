@@ -18,7 +18,7 @@ from typing import Literal
 import anyio
 from redis.asyncio import Redis
 
-from schemas.names import LEASE_TOMBSTONE, RedisKeys
+from rexec.schemas.names import LEASE_TOMBSTONE, RedisKeys
 
 LEASE_TTL = 24 * 3600
 """Seconds a lease lives while held: long, so keys never leak; re-asserted on every beat."""

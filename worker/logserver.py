@@ -2,7 +2,7 @@
 
 Task logs never leave the execution plane except to a reader the orchestration plane vouched
 for: the request must carry ``Authorization: Bearer <grant>``, a grant the API signed for
-exactly this task, attempt and agent, still unexpired (``schemas.loggrant``). ``?follow=1``
+exactly this task, attempt and agent, still unexpired (``rexec.schemas.loggrant``). ``?follow=1``
 streams the log while the attempt runs and ends when it does.
 """
 
@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 import anyio
 import anyio.to_thread
 
-from schemas import loggrant
+from rexec.schemas import loggrant
 
 from .logstore import TASK_ID
 

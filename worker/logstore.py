@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from schemas.settings import Settings
+from rexec.schemas.settings import Settings
 
 log = logging.getLogger("rexec.agent.logs")
 

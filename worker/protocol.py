@@ -23,7 +23,7 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     secrets: dict[str, str] = {}
-    """The values of the secrets the task named, for ``worker.context.secret`` during the call;
+    """The values of the secrets the task named, for ``rexec.worker.context.secret`` during the call;
     they travel only over the private pipe to the child."""
 
 

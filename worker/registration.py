@@ -16,9 +16,9 @@ import anyio
 import httpx
 import msgspec
 
-from schemas import tls
-from schemas.api import API_PREFIX, AgentRegister, AgentRegistered, ErrorBody
-from schemas.settings import Settings
+from rexec.schemas import tls
+from rexec.schemas.api import API_PREFIX, AgentRegister, AgentRegistered, ErrorBody
+from rexec.schemas.settings import Settings
 
 log = logging.getLogger("rexec.agent.registration")
 

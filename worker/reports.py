@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from schemas import messages
+from rexec.schemas import messages
 
 from .secrets.masking import Masker
 

@@ -1,7 +1,7 @@
 """The agent's span for each attempt: ``process rexec.pool.<pool>``, a CONSUMER span whose
 parent is the W3C context the relay put in the task message's AMQP headers.
 
-Callers check ``schemas.tracing.active()`` first: with tracing off no span object is made and
+Callers check ``rexec.schemas.tracing.active()`` first: with tracing off no span object is made and
 no header is parsed. Attributes name the task, never its arguments, results or secrets.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from schemas import messages, names, tracing
+from rexec.schemas import messages, names, tracing
 
 from .allow import task_target
 from .metrics import Outcome

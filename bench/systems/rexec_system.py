@@ -29,8 +29,8 @@ import httpx
 from bench.infra import RunContext
 from bench.procs import ManagedProcess, start_module, wait_until
 from bench.systems.base import BatchResult, System, TaskSpec, schedule
-from client import RexecClient
-from schemas.api import SubmitTask, TaskState, TaskView
+from rexec.client import RexecClient
+from rexec.schemas.api import SubmitTask, TaskState, TaskView
 
 POOL = "bench"
 DATABASE = os.environ.get("BENCH_REXEC_DATABASE", "sqlite")
@@ -113,7 +113,7 @@ class RexecSystem(System):
     def start_dispatcher(self) -> ManagedProcess:
         self.dispatcher = start_module(
             "rexec-dispatcher",
-            "dispatcher.cli",
+            "rexec.client.cli",
             ["serve"],
             self.env,
             self.ctx.log_dir / "rexec-dispatcher.log",
@@ -133,7 +133,7 @@ class RexecSystem(System):
             env = {**self.env, **self.ctx.worker_env(i), "REXEC_AGENT_TOKEN": token}
             agent = start_module(
                 f"rexec-agent-{i}",
-                "worker.cli",
+                "rexec.worker.cli",
                 argv,
                 env,
                 self.ctx.log_dir / f"rexec-agent-{i}.log",

@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from dispatcher.db.models import Base
+from rexec.dispatcher.db.models import Base
 
 target_metadata = Base.metadata
 

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from dispatcher.api import create_app
-from dispatcher.runtime import Runtime, open_runtime
-from schemas.settings import Settings
+from rexec.dispatcher.api import create_app
+from rexec.dispatcher.runtime import Runtime, open_runtime
+from rexec.schemas.settings import Settings
 from tests.conftest import ADMIN_HEADERS
 
 

@@ -12,10 +12,10 @@ import msgspec
 import pytest
 from sqlalchemy import select, update
 
-from dispatcher.api import create_app
-from dispatcher.db.models import Token
-from dispatcher.runtime import Runtime
-from schemas import messages, names
+from rexec.dispatcher.api import create_app
+from rexec.dispatcher.db.models import Token
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import messages, names
 
 pytestmark = pytest.mark.anyio
 

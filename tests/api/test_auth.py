@@ -15,12 +15,12 @@ import pytest
 from litestar import Litestar, get
 from sqlalchemy import select, update
 
-from dispatcher import auth, statemachine, transitions
-from dispatcher.api import create_app
-from dispatcher.db.models import ApiKey, Task
-from dispatcher.runtime import Runtime
-from schemas import messages
-from schemas.api import Role
+from rexec.dispatcher import auth, statemachine, transitions
+from rexec.dispatcher.api import create_app
+from rexec.dispatcher.db.models import ApiKey, Task
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import messages
+from rexec.schemas.api import Role
 from tests.conftest import BOOTSTRAP_KEY
 
 pytestmark = pytest.mark.anyio

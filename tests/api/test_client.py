@@ -9,12 +9,12 @@ import anyio
 import httpx
 import pytest
 
-from client import AsyncRexecClient, RexecError, SubmitTask, TaskState
-from dispatcher import statemachine, transitions
-from dispatcher.api import create_app
-from dispatcher.db.models import Task
-from dispatcher.runtime import Runtime
-from schemas import messages
+from rexec.client import AsyncRexecClient, RexecError, SubmitTask, TaskState
+from rexec.dispatcher import statemachine, transitions
+from rexec.dispatcher.api import create_app
+from rexec.dispatcher.db.models import Task
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import messages
 from tests.support import free_port
 
 pytestmark = pytest.mark.anyio

@@ -9,11 +9,11 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from dispatcher import statemachine, transitions
-from dispatcher.db.models import Outbox, Task
-from dispatcher.runtime import Runtime
-from schemas import messages, names
-from schemas.api import TaskState, TaskView
+from rexec.dispatcher import statemachine, transitions
+from rexec.dispatcher.db.models import Outbox, Task
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import messages, names
+from rexec.schemas.api import TaskState, TaskView
 
 pytestmark = pytest.mark.anyio
 
@@ -306,7 +306,7 @@ async def test_long_poll_wakes_on_notify(
     runtime: Runtime, api: httpx.AsyncClient, pool: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The wait ends on the events consumer's wake-up, well before its periodic re-check."""
-    from dispatcher import service
+    from rexec.dispatcher import service
 
     monkeypatch.setattr(service, "WAIT_RECHECK", 30.0)
     task = (await submit(api, pool)).json()
@@ -327,7 +327,7 @@ async def test_long_poll_wakes_on_notify(
 async def test_waiting_on_many_tasks_returns_once_all_are_terminal(
     runtime: Runtime, api: httpx.AsyncClient, pool: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dispatcher import service
+    from rexec.dispatcher import service
 
     monkeypatch.setattr(service, "WAIT_RECHECK", 30.0)
     ids = [(await submit(api, pool)).json()["id"] for _ in range(3)]
@@ -369,7 +369,7 @@ async def test_waiting_on_ten_thousand_ids_fits_in_one_request(
 async def test_a_task_names_its_secrets_and_only_names_reach_the_wire(
     api: httpx.AsyncClient, runtime: Runtime, pool: str
 ) -> None:
-    from dispatcher.relay import task_message
+    from rexec.dispatcher.relay import task_message
 
     response = await submit(api, pool, secrets=["db_password", "PGPASSWORD"])
     assert response.status_code == 201, response.text

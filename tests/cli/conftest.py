@@ -8,9 +8,9 @@ import anyio
 import pytest
 import uvicorn
 
-from dispatcher.api import create_app
-from dispatcher.runtime import Runtime, open_runtime
-from schemas.settings import Settings
+from rexec.dispatcher.api import create_app
+from rexec.dispatcher.runtime import Runtime, open_runtime
+from rexec.schemas.settings import Settings
 from tests.support import await_until, free_port
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from client import RexecClient
-from dispatcher.runtime import Runtime
+from rexec.client import RexecClient
+from rexec.dispatcher.runtime import Runtime
 from tests.cli.test_commands import Cli
 
 pytestmark = pytest.mark.anyio

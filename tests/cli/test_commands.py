@@ -10,12 +10,12 @@ from typing import Any
 import anyio
 import pytest
 
-from client import RexecClient, TaskState
-from dispatcher import statemachine, transitions
-from dispatcher.cli import main
-from dispatcher.db.models import Task
-from dispatcher.runtime import Runtime
-from schemas import messages
+from rexec.client import RexecClient, TaskState
+from rexec.client.cli import main
+from rexec.dispatcher import statemachine, transitions
+from rexec.dispatcher.db.models import Task
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import messages
 from tests.support import free_port
 
 pytestmark = pytest.mark.anyio

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from dispatcher.cli import duration, main
+from rexec.client.cli import duration, main
 from tests.support import free_port
 
 # Nothing listens here: a command that reached the network would fail with exit 1, not 2.
@@ -62,8 +62,8 @@ def test_serve_refuses_a_short_bootstrap_key(
 
 
 def test_serve_warns_without_a_bootstrap_key(caplog: pytest.LogCaptureFixture) -> None:
-    from dispatcher.serve import check_bootstrap_key
-    from schemas.settings import load_settings
+    from rexec.dispatcher.serve import check_bootstrap_key
+    from rexec.schemas.settings import load_settings
 
     with caplog.at_level("WARNING", logger="rexec.serve"):
         check_bootstrap_key(load_settings({}))

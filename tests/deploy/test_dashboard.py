@@ -24,7 +24,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas.api import SubmitTask, TaskState
+from rexec.schemas.api import SubmitTask, TaskState
 from tests.conftest import ADMIN_HEADERS
 from tests.e2e.conftest import Plane
 from tests.support import free_port, http_ready, wait_until

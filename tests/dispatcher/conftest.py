@@ -4,8 +4,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from dispatcher.runtime import Runtime, open_runtime
-from schemas.settings import Settings
+from rexec.dispatcher.runtime import Runtime, open_runtime
+from rexec.schemas.settings import Settings
 
 
 @pytest.fixture

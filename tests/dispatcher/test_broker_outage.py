@@ -17,12 +17,12 @@ from aio_pika.abc import AbstractExchange
 from aiormq.exceptions import ChannelInvalidStateError
 from sqlalchemy import func, select
 
-from dispatcher import events
-from dispatcher.db.models import Outbox, Pool, Task
-from dispatcher.relay import relay_once
-from dispatcher.runtime import Runtime
-from schemas import names
-from schemas.api import TaskState
+from rexec.dispatcher import events
+from rexec.dispatcher.db.models import Outbox, Pool, Task
+from rexec.dispatcher.relay import relay_once
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import names
+from rexec.schemas.api import TaskState
 
 
 class ChannelBeingRestored:

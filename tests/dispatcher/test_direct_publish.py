@@ -14,13 +14,13 @@ import msgspec
 import pytest
 from sqlalchemy import select, update
 
-from dispatcher import service
-from dispatcher.db.models import Outbox, Pool
-from dispatcher.direct import DirectPublisher
-from dispatcher.relay import BATCH_SIZE, Due, relay_once
-from dispatcher.runtime import Runtime
-from schemas import messages, names, signing
-from schemas.api import SubmitTask
+from rexec.dispatcher import service
+from rexec.dispatcher.db.models import Outbox, Pool
+from rexec.dispatcher.direct import DirectPublisher
+from rexec.dispatcher.relay import BATCH_SIZE, Due, relay_once
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import messages, names, signing
+from rexec.schemas.api import SubmitTask
 from tests.dispatcher.test_relay_batches import add_agent, take_all, tasks_of
 from tests.dispatcher.test_relay_events import make_pool
 from tests.support import await_until
@@ -206,7 +206,7 @@ async def test_rows_beyond_the_in_flight_bound_are_left_to_the_relay(
             await self.gate.wait()
             await super()._publish(rows)
 
-    monkeypatch.setattr("dispatcher.direct.MAX_IN_FLIGHT", 3)
+    monkeypatch.setattr("rexec.dispatcher.direct.MAX_IN_FLIGHT", 3)
     await make_pool(rt, pool_name)
     async with running(rt, SlowBroker(rt)) as publisher:
         first = await service.submit_batch(rt, [add(pool_name, i) for i in range(3)])

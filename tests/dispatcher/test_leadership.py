@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.db.engine import make_engine, make_sessionmaker
-from dispatcher.leadership import LeaderLease
+from rexec.dispatcher.db.engine import make_engine, make_sessionmaker
+from rexec.dispatcher.leadership import LeaderLease
 
 
 @pytest.mark.anyio

@@ -24,7 +24,7 @@ def fresh_postgres() -> Iterator[str]:
 
 def test_concurrent_upgrades_take_turns_and_all_succeed(fresh_postgres: str) -> None:
     url = f"postgresql+asyncpg://{fresh_postgres}"
-    script = "import sys; from dispatcher.db.migrate import upgrade; upgrade(sys.argv[1])"
+    script = "import sys; from rexec.dispatcher.db.migrate import upgrade; upgrade(sys.argv[1])"
     replicas = [
         subprocess.Popen(
             [sys.executable, "-c", script, url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT

@@ -8,11 +8,11 @@ import time
 import pytest
 from sqlalchemy import func, select, update
 
-from dispatcher.db.models import Outbox, Pool, Task
-from dispatcher.relay import relay_once
-from dispatcher.runtime import Runtime
-from schemas import names
-from schemas.api import TaskState
+from rexec.dispatcher.db.models import Outbox, Pool, Task
+from rexec.dispatcher.relay import relay_once
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import names
+from rexec.schemas.api import TaskState
 from tests.dispatcher.test_relay_events import make_pool, make_task
 
 pytestmark = pytest.mark.anyio

@@ -12,11 +12,11 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import select
 
-from dispatcher.db.models import Agent, Outbox, Task, TaskTransition
-from dispatcher.events import apply_events
-from dispatcher.relay import relay_once
-from dispatcher.runtime import Runtime
-from schemas import messages, names, signing, tracing
+from rexec.dispatcher.db.models import Agent, Outbox, Task, TaskTransition
+from rexec.dispatcher.events import apply_events
+from rexec.dispatcher.relay import relay_once
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import messages, names, signing, tracing
 from tests.dispatcher.test_relay_events import make_pool, make_task
 from tests.support import await_until
 

@@ -10,12 +10,12 @@ import anyio
 import pytest
 from sqlalchemy import func, select
 
-from dispatcher.db.models import Outbox, Pool, Task, TaskLog, TaskTransition
-from dispatcher.events import apply_events, run_events
-from dispatcher.relay import relay_once
-from dispatcher.runtime import Runtime
-from schemas import messages, names
-from schemas.api import TaskState
+from rexec.dispatcher.db.models import Outbox, Pool, Task, TaskLog, TaskTransition
+from rexec.dispatcher.events import apply_events, run_events
+from rexec.dispatcher.relay import relay_once
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import messages, names
+from rexec.schemas.api import TaskState
 from tests.support import await_until
 
 

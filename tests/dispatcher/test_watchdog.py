@@ -8,11 +8,11 @@ import aio_pika
 import pytest
 from sqlalchemy import func, select, update
 
-from dispatcher.db.models import Leader, Outbox, Task
-from dispatcher.runtime import Runtime
-from dispatcher.watchdog import Watchdog
-from schemas import names
-from schemas.api import TaskState
+from rexec.dispatcher.db.models import Leader, Outbox, Task
+from rexec.dispatcher.runtime import Runtime
+from rexec.dispatcher.watchdog import Watchdog
+from rexec.schemas import names
+from rexec.schemas.api import TaskState
 from tests.dispatcher.test_relay_events import make_pool, make_task
 from tests.support import await_until
 

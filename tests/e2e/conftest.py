@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client import RexecClient
-from schemas.settings import Settings
+from rexec.client import RexecClient
+from rexec.schemas.settings import Settings
 from tests.conftest import BOOTSTRAP_KEY
 from tests.otlp import OtlpReceiver
 from tests.support import Process, free_port, http_ready, python_entry, wait_until
@@ -101,7 +101,7 @@ class Plane:
         )
 
     def _start(self, argv: list[str], name: str, env: dict[str, str]) -> Process:
-        module = {"rexec": "dispatcher.cli", "rexec-agent": "worker.cli"}[argv[0]]
+        module = {"rexec": "rexec.client.cli", "rexec-agent": "rexec.worker.cli"}[argv[0]]
         log = self.logs / f"{name}-{len(self.processes)}.log"
         process = Process([*python_entry(module), *argv[1:]], {**self.env, **env}, log)
         self.processes.append(process)

@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from schemas.api import SubmitTask, TaskState
+from rexec.schemas.api import SubmitTask, TaskState
 from tests.e2e.conftest import Plane
 from tests.support import wait_until
 
@@ -90,7 +90,7 @@ def test_cancel_a_running_task_and_a_queued_one(plane: Plane, pool_name: str) ->
 def test_the_cli_submits_waits_and_reports(plane: Plane, pool_name: str) -> None:
     def rexec(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "dispatcher.cli", "--api-url", plane.settings.api_url, *argv],
+            [sys.executable, "-m", "rexec.client.cli", "--api-url", plane.settings.api_url, *argv],
             capture_output=True,
             text=True,
             timeout=60,

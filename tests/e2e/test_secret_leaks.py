@@ -16,9 +16,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from dispatcher.db.engine import make_engine, make_sessionmaker
-from dispatcher.db.models import Base
-from schemas.api import TaskState, TaskView
+from rexec.dispatcher.db.engine import make_engine, make_sessionmaker
+from rexec.dispatcher.db.models import Base
+from rexec.schemas.api import TaskState, TaskView
 from tests.conftest import MANAGEMENT_URL
 from tests.e2e.conftest import Plane
 from tests.otlp import OtlpReceiver

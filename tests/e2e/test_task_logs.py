@@ -17,12 +17,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from dispatcher.db.engine import make_engine
-from dispatcher.db.models import TaskLog
-from schemas import loggrant
-from schemas.api import TaskState
-from schemas.settings import Settings
-from schemas.signing import Signer, generate_private_key
+from rexec.dispatcher.db.engine import make_engine
+from rexec.dispatcher.db.models import TaskLog
+from rexec.schemas import loggrant
+from rexec.schemas.api import TaskState
+from rexec.schemas.settings import Settings
+from rexec.schemas.signing import Signer, generate_private_key
 from tests.e2e.conftest import Plane
 from tests.support import REPO, free_port, http_ready, python_entry, wait_until
 
@@ -61,7 +61,7 @@ def start_logging_agent(plane: Plane, pool: str) -> tuple[str, int]:
 
 def rexec(plane: Plane, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*python_entry("dispatcher.cli"), *args],
+        [*python_entry("rexec.client.cli"), *args],
         env={**plane.env},
         capture_output=True,
         text=True,
@@ -176,7 +176,7 @@ def test_rexec_logs_follow_streams_a_running_attempt_to_its_end(
     )
     wait_until(lambda: client.get(task.id).state is TaskState.RUNNING, 30, "the task to start")
     follow = subprocess.Popen(
-        [*python_entry("dispatcher.cli"), "logs", task.id, "--follow"],
+        [*python_entry("rexec.client.cli"), "logs", task.id, "--follow"],
         env={**plane.env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.api import TaskState
+from rexec.schemas.api import TaskState
 from tests.e2e.conftest import Plane
 from tests.otlp import OtlpReceiver, ReceivedSpan
 from tests.support import wait_until

@@ -7,10 +7,10 @@ import anyio
 import pytest
 from sqlalchemy import select
 
-from dispatcher.db.engine import make_engine, make_sessionmaker
-from dispatcher.db.models import Agent
-from schemas import messages
-from schemas.api import SubmitTask, TaskState
+from rexec.dispatcher.db.engine import make_engine, make_sessionmaker
+from rexec.dispatcher.db.models import Agent
+from rexec.schemas import messages
+from rexec.schemas.api import SubmitTask, TaskState
 from tests.e2e.conftest import Plane
 from tests.support import Process, python_entry, wait_until
 

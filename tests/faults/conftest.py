@@ -12,9 +12,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from client import RexecClient
-from schemas.api import TaskState, TaskView
-from schemas.settings import Settings, load_settings
+from rexec.client import RexecClient
+from rexec.schemas.api import TaskState, TaskView
+from rexec.schemas.settings import Settings, load_settings
 from tests.conftest import MANAGEMENT_URL, REDIS_URL
 from tests.e2e.conftest import Plane, pytest_runtest_makereport  # noqa: F401  (logs on failure)
 from tests.faults.servers import PrivateCluster, PrivateRabbit, PrivateRedis, PrivateSentinel

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from schemas.api import TaskState
+from rexec.schemas.api import TaskState
 from tests.conftest import ADMIN_HEADERS
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import ALLOW, assert_each_terminal_once
@@ -275,7 +275,7 @@ def test_a_long_task_does_not_hold_its_delivery(
 def close_connections_of(plane: Plane, agent_id: str) -> int:
     import anyio
 
-    from dispatcher.management import close_agent_connections
+    from rexec.dispatcher.management import close_agent_connections
 
     pool = next(a.pool for a in plane.client.list_agents() if a.id == agent_id)
     return anyio.run(

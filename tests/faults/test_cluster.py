@@ -3,7 +3,7 @@
 Guide promise 1 (nothing lost, each task ends once) when the node that leads the pool's
 quorum queue crashes mid-run. Real ``rexec serve`` and ``rexec-agent`` processes, given every
 node in ``REXEC_AMQP_URL``, on a private three-node cluster (``servers.PrivateCluster``).
-First (on the same cluster, before a node is lost), ``schemas.amqp.connect_cluster`` itself:
+First (on the same cluster, before a node is lost), ``rexec.schemas.amqp.connect_cluster`` itself:
 it passes over a node that is down, at the first connect and on a reconnect.
 """
 
@@ -22,10 +22,10 @@ import pytest
 from aio_pika import Message
 from yarl import URL
 
-from schemas import names
-from schemas.amqp import BrokerUnreachable, connect_cluster
-from schemas.api import TERMINAL_STATES, TaskState
-from schemas.settings import Settings, load_settings
+from rexec.schemas import names
+from rexec.schemas.amqp import BrokerUnreachable, connect_cluster
+from rexec.schemas.api import TERMINAL_STATES, TaskState
+from rexec.schemas.settings import Settings, load_settings
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import FAST

@@ -13,15 +13,15 @@ import anyio
 import pytest
 from sqlalchemy import select
 
-from client import RexecClient
-from dispatcher.db.engine import make_engine, make_sessionmaker
-from dispatcher.db.models import Leader, Task
-from dispatcher.relay import task_message
-from dispatcher.signing_key import load_signer
-from schemas import messages, names
-from schemas.api import SubmitTask, TaskState
-from schemas.settings import Settings
-from schemas.signing import SIGNATURE_HEADER
+from rexec.client import RexecClient
+from rexec.dispatcher.db.engine import make_engine, make_sessionmaker
+from rexec.dispatcher.db.models import Leader, Task
+from rexec.dispatcher.relay import task_message
+from rexec.dispatcher.signing_key import load_signer
+from rexec.schemas import messages, names
+from rexec.schemas.api import SubmitTask, TaskState
+from rexec.schemas.settings import Settings
+from rexec.schemas.signing import SIGNATURE_HEADER
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import ALLOW, FAST, assert_each_terminal_once
 from tests.faults.test_agent_faults import online, running_on
@@ -137,7 +137,7 @@ async def publish_as_the_relay_would(settings: Settings, ids: list[str]) -> None
 def pg_plane(
     postgres_url: str, amqp_url: str, redis_prefix: str, tmp_path: Path
 ) -> Iterator[Plane]:
-    from schemas.settings import load_settings
+    from rexec.schemas.settings import load_settings
     from tests.conftest import REDIS_URL
 
     settings = load_settings(

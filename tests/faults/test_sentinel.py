@@ -20,9 +20,9 @@ import httpx
 import pytest
 import redis
 
-from schemas.api import TaskState
-from schemas.names import RedisKeys
-from schemas.settings import Settings, load_settings
+from rexec.schemas.api import TaskState
+from rexec.schemas.names import RedisKeys
+from rexec.schemas.settings import Settings, load_settings
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import FAST
 from tests.faults.servers import PrivateSentinel

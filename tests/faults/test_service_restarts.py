@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.api import TaskState
-from schemas.settings import Settings, load_settings
+from rexec.schemas.api import TaskState
+from rexec.schemas.settings import Settings, load_settings
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import FAST, assert_each_terminal_once

@@ -17,10 +17,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from client import RexecClient, RexecError
-from dispatcher import cli
-from schemas.api import SubmitTask, TaskState
-from schemas.settings import load_settings
+from rexec.client import RexecClient, RexecError, cli
+from rexec.schemas.api import SubmitTask, TaskState
+from rexec.schemas.settings import load_settings
 from tests.conftest import BOOTSTRAP_KEY
 from tests.e2e.conftest import Plane
 from tests.faults.certs import ServerCert, make_other_ca, make_server_cert
@@ -185,7 +184,7 @@ def test_agents_that_trust_the_wrong_ca_stop_with_a_clear_error(
     }
     # And a dispatcher whose broker URL trusts the wrong CA.
     serve = Process(
-        [*python_entry("dispatcher.cli"), "serve"],
+        [*python_entry("rexec.client.cli"), "serve"],
         {
             **plane.env,
             **cases["amqp"][0],

@@ -6,7 +6,7 @@ import itertools
 from collections import Counter
 from pathlib import Path
 
-from schemas.api import SubmitTask, TaskState, TaskView
+from rexec.schemas.api import SubmitTask, TaskState, TaskView
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import ALLOW, assert_each_terminal_once
 from tests.support import wait_until

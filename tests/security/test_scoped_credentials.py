@@ -20,15 +20,15 @@ import redis.asyncio as aredis
 import redis.exceptions
 from aio_pika.abc import AbstractConnection
 
-from dispatcher import credentials
-from dispatcher.db.models import Agent
-from dispatcher.events import run_events
-from dispatcher.runtime import Runtime
-from schemas import messages, names
-from schemas.api import AgentRegistered, ScopedCredentials
+from rexec.dispatcher import credentials
+from rexec.dispatcher.db.models import Agent
+from rexec.dispatcher.events import run_events
+from rexec.dispatcher.runtime import Runtime
+from rexec.schemas import messages, names
+from rexec.schemas.api import AgentRegistered, ScopedCredentials
+from rexec.worker.credentials import with_login
 from tests.conftest import REDIS_URL
 from tests.support import await_until
-from worker.credentials import with_login
 
 pytestmark = pytest.mark.anyio
 

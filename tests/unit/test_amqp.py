@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from yarl import URL
 
-from schemas.amqp import parse_amqp_urls, safe_url, vhost_of
-from schemas.settings import load_settings
+from rexec.schemas.amqp import parse_amqp_urls, safe_url, vhost_of
+from rexec.schemas.settings import load_settings
 
 
 def test_one_url_is_one_node() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dispatcher.events import misattributed
-from schemas import messages
+from rexec.dispatcher.events import misattributed
+from rexec.schemas import messages
 
 
 def started(agent_id: str) -> messages.Started:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from dispatcher.backoff import MAX_DELAY, retry_delay
+from rexec.dispatcher.backoff import MAX_DELAY, retry_delay
 
 
 def test_delay_doubles_per_attempt_with_jitter_in_the_upper_half() -> None:

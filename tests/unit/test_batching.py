@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dispatcher.batching import BatchSizes, PoolAgents
-from schemas import messages
+from rexec.dispatcher.batching import BatchSizes, PoolAgents
+from rexec.schemas import messages
 
 NEW = messages.BATCHES_FROM_MINOR
 

@@ -7,8 +7,8 @@ import time
 import pytest
 from rich.console import Console
 
-from dispatcher import cli_format as fmt
-from schemas.api import AgentView, PoolView, TaskState, TaskView
+from rexec.client import cli_format as fmt
+from rexec.schemas.api import AgentView, PoolView, TaskState, TaskView
 
 NOW = time.time()
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import messages
+from rexec.schemas import messages
 
 DECODERS: list[Callable[[bytes], Any]] = [
     messages.decode_task,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
-from dispatcher.groupcommit import GroupCommit
+from rexec.dispatcher.groupcommit import GroupCommit
 
 pytestmark = pytest.mark.anyio
 

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import IntegrityError
 
-from dispatcher.db.engine import make_engine, make_sessionmaker
+from rexec.dispatcher.db.engine import make_engine, make_sessionmaker
 
 pytestmark = pytest.mark.anyio
 

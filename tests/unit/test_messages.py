@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from schemas import messages
+from rexec.schemas import messages
 
 
 def test_task_round_trip() -> None:
@@ -86,7 +86,7 @@ def test_control_messages_decode() -> None:
 
 
 def test_settings_from_the_environment() -> None:
-    from schemas.settings import load_settings
+    from rexec.schemas.settings import load_settings
 
     settings = load_settings(
         {"REXEC_HEARTBEAT_TTL": "3", "REXEC_MANAGEMENT_URL": "", "REXEC_API_PORT": ""}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alembic import command
 
-from dispatcher.db.migrate import alembic_config, upgrade
+from rexec.dispatcher.db.migrate import alembic_config, upgrade
 
 
 def test_secrets_column_down_and_up(tmp_path: Path) -> None:

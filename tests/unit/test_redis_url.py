@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.redis_url import (
+from rexec.schemas.redis_url import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_SOCKET_TIMEOUT,
     RedisURLError,
@@ -12,7 +12,7 @@ from schemas.redis_url import (
     check_redis_url,
     parse_sentinel_url,
 )
-from schemas.settings import load_settings
+from rexec.schemas.settings import load_settings
 
 
 def test_a_full_sentinel_url() -> None:

@@ -13,13 +13,13 @@ import anyio
 import msgspec
 import pytest
 
-from schemas import messages
-from schemas.names import validate_secret_names
-from schemas.settings import load_settings
-from worker import context
-from worker.environment import task_environment
-from worker.reports import Reporter
-from worker.secrets import (
+from rexec.schemas import messages
+from rexec.schemas.names import validate_secret_names
+from rexec.schemas.settings import load_settings
+from rexec.worker import context
+from rexec.worker.environment import task_environment
+from rexec.worker.reports import Reporter
+from rexec.worker.secrets import (
     Masker,
     Resolver,
     SecretCache,
@@ -30,8 +30,8 @@ from worker.secrets import (
     hidden_env,
     mask_logs,
 )
-from worker.secrets.env import EnvBackend
-from worker.secrets.file import FileBackend
+from rexec.worker.secrets.env import EnvBackend
+from rexec.worker.secrets.file import FileBackend
 
 # -- names and the wire -----------------------------------------------------------------------
 
@@ -298,7 +298,7 @@ def test_task_environment_hides_the_backend_credentials_and_other_secrets() -> N
         "MY_SECRETS_db": "pw",
         "VAULT_TOKEN": "v",
     }
-    from worker.secrets.vault import VaultBackend
+    from rexec.worker.secrets.vault import VaultBackend
 
     prefixes = hidden_env(settings, EnvBackend("MY_SECRETS_"))
     assert task_environment(base, hidden_prefixes=prefixes) == {"PATH": "/bin", "VAULT_TOKEN": "v"}

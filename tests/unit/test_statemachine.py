@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dispatcher.statemachine import (
+from rexec.dispatcher.statemachine import (
     HELD_RECHECK,
     MarkCancelRequested,
     Reject,
@@ -17,8 +17,8 @@ from dispatcher.statemachine import (
     on_event,
     on_expiry,
 )
-from schemas.api import TaskState
-from schemas.messages import (
+from rexec.schemas.api import TaskState
+from rexec.schemas.messages import (
     HELD_ELSEWHERE,
     Cancelled,
     Expired,

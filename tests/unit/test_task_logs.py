@@ -10,9 +10,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from schemas import loggrant, messages
-from schemas.signing import Signer, Verifier, generate_private_key
-from worker.logstore import TAIL_BYTES, TAIL_LINES, AttemptLog, DirLogStore
+from rexec.schemas import loggrant, messages
+from rexec.schemas.signing import Signer, Verifier, generate_private_key
+from rexec.worker.logstore import TAIL_BYTES, TAIL_LINES, AttemptLog, DirLogStore
 
 
 class _Kept(io.BytesIO):
@@ -140,7 +140,7 @@ def test_terminal_events_omit_empty_log_fields_and_old_events_still_decode() -> 
 
 
 def test_object_storage_is_configured_clearly() -> None:
-    from worker.logstore import LogStoreError, S3LogStore
+    from rexec.worker.logstore import LogStoreError, S3LogStore
 
     with pytest.raises(LogStoreError, match="s3://bucket/prefix"):
         S3LogStore("bucket-without-scheme", 1000)
@@ -159,8 +159,8 @@ def test_an_unwritable_default_log_dir_falls_back_to_the_temporary_directory(
 ) -> None:
     from pathlib import Path
 
-    from schemas.settings import load_settings
-    from worker.logstore import LogStoreError, open_store
+    from rexec.schemas.settings import load_settings
+    from rexec.worker.logstore import LogStoreError, open_store
 
     readonly = Path(str(tmp_path)) / "ro"
     readonly.mkdir()

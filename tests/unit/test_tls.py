@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from schemas import tls
+from rexec.schemas import tls
 from tests.faults.certs import ServerCert, make_server_cert
 
 

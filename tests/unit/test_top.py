@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dispatcher.top import Rates, parse_figures
-from schemas.api import PoolView
+from rexec.client.top import Rates, parse_figures
+from rexec.schemas.api import PoolView
 
 
 def pool(name: str, **tasks: int) -> PoolView:

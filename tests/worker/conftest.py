@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from dispatcher import topology
-from schemas.names import RedisKeys
-from schemas.settings import Settings, load_settings
+from rexec.dispatcher import topology
+from rexec.schemas.names import RedisKeys
+from rexec.schemas.settings import Settings, load_settings
 from tests.conftest import REDIS_URL
 from tests.support import SIGNER
 from tests.worker.harness import Broker, open_broker

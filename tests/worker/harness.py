@@ -13,12 +13,12 @@ import aio_pika
 import anyio
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from dispatcher import topology
-from schemas import messages, names
-from schemas.settings import Settings
-from schemas.signing import SIGNATURE_HEADER
+from rexec.dispatcher import topology
+from rexec.schemas import messages, names
+from rexec.schemas.settings import Settings
+from rexec.schemas.signing import SIGNATURE_HEADER
+from rexec.worker.agent import Agent
 from tests.support import SIGNER, await_until
-from worker.agent import Agent
 
 E = TypeVar("E", bound=messages.TaskEvent)
 T = TypeVar("T")

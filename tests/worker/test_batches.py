@@ -6,10 +6,10 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from schemas import messages, names
-from schemas.settings import Settings
+from rexec.schemas import messages, names
+from rexec.schemas.settings import Settings
+from rexec.worker.agent import Agent, prefetch_for
 from tests.worker.harness import Broker, running_agent, task, until
-from worker.agent import Agent, prefetch_for
 
 pytestmark = pytest.mark.anyio
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker import protocol
-from worker.children import open_child_pool
+from rexec.worker import protocol
+from rexec.worker.children import open_child_pool
 
 pytestmark = pytest.mark.anyio
 

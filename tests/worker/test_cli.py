@@ -15,14 +15,14 @@ import httpx
 import pytest
 import redis
 
-from dispatcher import topology
-from schemas import messages
-from schemas.names import RedisKeys
-from schemas.settings import Settings
+from rexec.dispatcher import topology
+from rexec.schemas import messages
+from rexec.schemas.names import RedisKeys
+from rexec.schemas.settings import Settings
+from rexec.worker import cli
 from tests.support import REPO, SIGNER, Process, free_port
 from tests.worker.fake_api import FakeApi, serve_fake_api
 from tests.worker.harness import Broker, task, until
-from worker import cli
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +129,7 @@ async def test_agent_process_registers_runs_and_drains_on_sigterm(
             "REXEC_LOG_DIR": agent_settings.log_dir,
             "PYTHONPATH": str(REPO),
         }
-        argv = [sys.executable, "-m", "worker.cli", "--pool", pool, "--concurrency", "2"]
+        argv = [sys.executable, "-m", "rexec.worker.cli", "--pool", pool, "--concurrency", "2"]
         argv += ["--allow", "tests.tasks:*", "--drain-timeout", "10"]
         process = Process(argv, env, tmp_path / "agent.log")
         try:

@@ -7,9 +7,9 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from dispatcher import topology
-from schemas import messages, names
-from schemas.settings import Settings
+from rexec.dispatcher import topology
+from rexec.schemas import messages, names
+from rexec.schemas.settings import Settings
 from tests.worker.harness import Broker, alive, running_agent, task, until
 
 pytestmark = pytest.mark.anyio

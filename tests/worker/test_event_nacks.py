@@ -12,9 +12,9 @@ import anyio
 import pytest
 from aio_pika.abc import AbstractExchange
 
-from schemas import messages
+from rexec.schemas import messages
+from rexec.worker.events import EventPublisher
 from tests.support import await_until
-from worker.events import EventPublisher
 
 pytestmark = pytest.mark.anyio
 

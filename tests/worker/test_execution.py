@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas import messages
-from schemas.settings import Settings
+from rexec.schemas import messages
+from rexec.schemas.settings import Settings
 from tests.worker.harness import Broker, alive, running_agent, task, until
 
 pytestmark = pytest.mark.anyio

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from schemas import messages
-from schemas.settings import Settings
+from rexec.schemas import messages
+from rexec.schemas.settings import Settings
 from tests.worker.harness import Broker, running_agent, task
 
 pytestmark = pytest.mark.anyio

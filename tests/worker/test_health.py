@@ -14,13 +14,13 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas import messages, names
-from schemas.settings import Settings
+from rexec.schemas import messages, names
+from rexec.schemas.settings import Settings
+from rexec.worker import agent as agent_module
+from rexec.worker.agent import Agent, AgentError
 from tests.conftest import AMQP_HOST, MANAGEMENT_URL
 from tests.support import await_until, free_port, wait_until
 from tests.worker.harness import Broker, running_agent, task, until
-from worker import agent as agent_module
-from worker.agent import Agent, AgentError
 
 pytestmark = pytest.mark.anyio
 

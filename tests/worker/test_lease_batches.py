@@ -9,9 +9,9 @@ import anyio
 import pytest
 import redis.asyncio
 
-from schemas.names import RedisKeys
+from rexec.schemas.names import RedisKeys
+from rexec.worker.leases import Claim, ClaimResult, LeaseStore, LeaseStoreStopped
 from tests.conftest import REDIS_URL
-from worker.leases import Claim, ClaimResult, LeaseStore, LeaseStoreStopped
 
 pytestmark = pytest.mark.anyio
 

@@ -11,11 +11,11 @@ import msgspec
 import pytest
 import redis
 
-from schemas import messages
-from schemas.names import LEASE_TOMBSTONE, RedisKeys
-from schemas.settings import Settings
+from rexec.schemas import messages
+from rexec.schemas.names import LEASE_TOMBSTONE, RedisKeys
+from rexec.schemas.settings import Settings
+from rexec.worker.leases import member
 from tests.worker.harness import Broker, alive, running_agent, task, until
-from worker.leases import member
 
 pytestmark = pytest.mark.anyio
 

@@ -12,14 +12,14 @@ import pytest
 import redis
 from aio_pika.abc import AbstractIncomingMessage
 
-from schemas import messages, names
-from schemas.names import RedisKeys
-from schemas.settings import Settings
+from rexec.schemas import messages, names
+from rexec.schemas.names import RedisKeys
+from rexec.schemas.settings import Settings
+from rexec.worker import delivery
+from rexec.worker.agent import Agent, AgentError
 from tests.conftest import MANAGEMENT_URL
 from tests.support import await_until
 from tests.worker.harness import Broker, running_agent, task, until
-from worker import delivery
-from worker.agent import Agent, AgentError
 
 pytestmark = pytest.mark.anyio
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from schemas import messages, names
-from schemas.settings import Settings
-from schemas.signing import SIGNATURE_HEADER, Signer, generate_private_key
+from rexec.schemas import messages, names
+from rexec.schemas.settings import Settings
+from rexec.schemas.signing import SIGNATURE_HEADER, Signer, generate_private_key
 from tests.support import SIGNER, await_until
 from tests.worker.harness import Broker, running_agent, task, until
 

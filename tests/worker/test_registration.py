@@ -9,11 +9,11 @@ import httpx
 import msgspec
 import pytest
 
-from schemas.api import AgentRegister, AgentRegistered
-from schemas.redis_url import parse_sentinel_url
-from schemas.settings import load_settings
-from worker.credentials import registered_settings, with_redis_login
-from worker.registration import RegistrationError, register
+from rexec.schemas.api import AgentRegister, AgentRegistered
+from rexec.schemas.redis_url import parse_sentinel_url
+from rexec.schemas.settings import load_settings
+from rexec.worker.credentials import registered_settings, with_redis_login
+from rexec.worker.registration import RegistrationError, register
 
 pytestmark = pytest.mark.anyio
 

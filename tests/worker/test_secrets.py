@@ -1,5 +1,5 @@
 """Secrets reach the task that named them, and only it, on a real agent: through
-``worker.context.secret`` for functions and the environment for commands; a secret that cannot
+``rexec.worker.context.secret`` for functions and the environment for commands; a secret that cannot
 be resolved fails the attempt before it runs."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas import messages
-from schemas.settings import Settings
+from rexec.schemas import messages
+from rexec.schemas.settings import Settings
+from rexec.worker.secrets.env import EnvBackend
 from tests.worker.harness import Broker, running_agent, task
-from worker.secrets.env import EnvBackend
 
 pytestmark = pytest.mark.anyio
 

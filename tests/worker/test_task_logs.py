@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas import messages
-from schemas.settings import Settings
+from rexec.schemas import messages
+from rexec.schemas.settings import Settings
+from rexec.worker.secrets.env import EnvBackend
 from tests.worker.harness import Broker, running_agent, task
-from worker.secrets.env import EnvBackend
 
 pytestmark = pytest.mark.anyio
 

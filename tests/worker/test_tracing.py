@@ -10,10 +10,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from schemas import messages, tracing
-from schemas.settings import Settings
+from rexec.schemas import messages, tracing
+from rexec.schemas.settings import Settings
+from rexec.worker import spans
 from tests.worker.harness import Broker, running_agent, task, until
-from worker import spans
 
 pytestmark = pytest.mark.anyio
 

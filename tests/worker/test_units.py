@@ -6,12 +6,12 @@ import anyio
 import msgspec
 import pytest
 
-from schemas import messages
-from worker import protocol
-from worker.allow import allowed, preload_modules, task_target
-from worker.child import Runner
-from worker.events import EventPublisher
-from worker.leases import OwnClaims
+from rexec.schemas import messages
+from rexec.worker import protocol
+from rexec.worker.allow import allowed, preload_modules, task_target
+from rexec.worker.child import Runner
+from rexec.worker.events import EventPublisher
+from rexec.worker.leases import OwnClaims
 
 pytestmark = pytest.mark.anyio
 

@@ -16,13 +16,13 @@ import hvac
 import msgspec
 import pytest
 
-from schemas import messages
-from schemas.settings import Settings, load_settings
+from rexec.schemas import messages
+from rexec.schemas.settings import Settings, load_settings
+from rexec.worker.secrets import Masker, Resolver, SecretCache, SecretNotFound, build_backend
+from rexec.worker.secrets.base import BackendFailure
+from rexec.worker.secrets.vault import VaultBackend
 from tests.support import Process, free_port, wait_until
 from tests.worker.harness import Broker, running_agent, task
-from worker.secrets import Masker, Resolver, SecretCache, SecretNotFound, build_backend
-from worker.secrets.base import BackendFailure
-from worker.secrets.vault import VaultBackend
 
 
 class Bao:

@@ -6,7 +6,7 @@ Only names cross between the planes. ``build_backend`` picks the backend from th
 
 from __future__ import annotations
 
-from schemas.settings import Settings
+from rexec.schemas.settings import Settings
 
 from .base import SecretError, SecretNotFound, SecretsBackend, SecretsConfigError
 from .cache import SecretCache

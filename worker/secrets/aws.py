@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from schemas.settings import Settings
+from rexec.schemas.settings import Settings
 
 from .base import BackendFailure, SecretsBackend, missing_extra
 

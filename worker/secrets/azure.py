@@ -9,7 +9,7 @@ import importlib
 import os
 from typing import Any
 
-from schemas.settings import Settings
+from rexec.schemas.settings import Settings
 
 from .base import BackendFailure, SecretsBackend, SecretsConfigError, missing_extra
 

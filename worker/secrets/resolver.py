@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import anyio
 import anyio.to_thread
 
-from schemas.names import SECRET_NAME
+from rexec.schemas.names import SECRET_NAME
 
 from .base import BackendFailure, SecretError, SecretNotFound, SecretsBackend
 from .cache import SecretCache

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from schemas.settings import Settings
+from rexec.schemas.settings import Settings
 
 from .base import BackendFailure, SecretsBackend, SecretsConfigError, missing_extra
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import RexecClient, RexecError
-from schemas.api import AgentView, PoolView, TaskState, TaskView
+from rexec.client import RexecClient, RexecError
+from rexec.schemas.api import AgentView, PoolView, TaskState, TaskView
 
 FAILED_STATES = (TaskState.FAILED.value, TaskState.TIMED_OUT.value)
 RATE_WINDOW = 10.0

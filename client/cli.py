@@ -1,6 +1,6 @@
 """``rexec``: run the orchestration plane, and manage pools, tokens, agents and tasks.
 
-Every command but ``serve`` talks to the Remote Execution API through :mod:`client`
+Every command but ``serve`` talks to the Remote Execution API through :class:`~rexec.client.RexecClient`
 (``REXEC_API_URL`` or ``--api-url``). Listings print tables, or JSON with ``--json``.
 Exit status: 0 success, 1 an error from the API (or a task that did not succeed), 2 bad usage.
 """
@@ -19,13 +19,13 @@ from typing import Any
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from client import RexecClient, RexecError
-from client import _credentials as credentials
-from client.agentlog import AgentLogUnavailable, stream_agent_log
-from schemas import tls
-from schemas.api import Role, TaskState
-from schemas.settings import load_settings
+from rexec.client import RexecClient, RexecError
+from rexec.client.agentlog import AgentLogUnavailable, stream_agent_log
+from rexec.schemas import tls
+from rexec.schemas.api import Role, TaskState
+from rexec.schemas.settings import load_settings
 
+from . import _credentials as credentials
 from . import cli_format as fmt
 from . import top
 
@@ -136,7 +136,9 @@ def json_value(option: str, text: str | None, kind: type[list[Any]] | type[dict[
 
 
 def cmd_serve(args: argparse.Namespace, ctx: Context) -> int:
-    from . import serve  # the server's dependencies are not needed by the other commands
+    from rexec.dispatcher import (
+        serve,  # the server's dependencies are not needed by the other commands
+    )
 
     try:
         settings = load_settings()

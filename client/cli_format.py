@@ -14,7 +14,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from schemas.api import (
+from rexec.schemas.api import (
     AgentView,
     ApiKeyView,
     AuditEntry,
