@@ -21,7 +21,7 @@ import redis
 
 from rexec.schemas.names import AGENT_USER_PREFIX
 from rexec.schemas.settings import Settings, load_settings
-from tests.support import SIGNER, SIGNING_KEY
+from tests.support import REPO, SIGNER, SIGNING_KEY
 
 AMQP_HOST = os.environ.get("REXEC_TEST_AMQP_HOST", "127.0.0.1:5672")
 MANAGEMENT_URL = os.environ.get("REXEC_TEST_MANAGEMENT_URL", "http://127.0.0.1:15672")
@@ -30,6 +30,15 @@ POSTGRES_DSN = os.environ.get("REXEC_TEST_POSTGRES", "postgresql://postgres@127.
 BOOTSTRAP_KEY = "rexec_test_bootstrap_" + uuid.uuid4().hex
 """The bootstrap admin key of every dispatcher the tests start (REXEC_API_KEY)."""
 ADMIN_HEADERS = {"authorization": f"Bearer {BOOTSTRAP_KEY}"}
+
+
+@pytest.fixture(autouse=True)
+def task_code_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test task modules (``tests.tasks`` and friends) are the customer code here: on the
+    path of every agent and child process a test starts, as a customer's would be."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(REPO) not in paths:
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([*paths, str(REPO)]))
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import os
 import sys
 
 from rexec.schemas import messages
-from rexec.worker import agent, cli
+from rexec.worker import cli, handler
 
 
 def _decode_without_batches(
@@ -21,5 +21,5 @@ if __name__ == "__main__":
     major, _, minor = os.environ["REXEC_TEST_PROTOCOL"].partition(".")
     messages.PROTOCOL_VERSION, messages.PROTOCOL_MINOR = int(major), int(minor)
     if messages.PROTOCOL_MINOR < messages.BATCHES_FROM_MINOR:
-        agent._decode = _decode_without_batches
+        handler.decode = _decode_without_batches
     sys.exit(cli.main())

@@ -1,11 +1,9 @@
-"""The agent: consumes its pool's queue, claims, runs and reports attempts, and drains on stop.
+"""The agent's lifecycle: connect, first heartbeat, control queue, serve, drain, go offline.
 
-For each delivery: verify and decode it (dead-letter what cannot be used); then for each task
-it carries (one, or a batch): refuse expired and disallowed tasks, claim the lease, publish
-``started`` and wait for the broker's confirm, settle it (the delivery is acked once all its
-tasks are settled, ``delivery.py``), run, report the outcome, release the lease. The delivery
-is never held during the run: from the ack on, the lease and the heartbeat carry the
-responsibility for the attempt.
+What happens to each delivery, from the pool queue to a released lease, is the
+:class:`~rexec.worker.handler.TaskHandler`'s: the agent builds it once every part it needs
+exists (the broker channel, the event publisher, the lease store, the child pool) and hands
+it each delivery.
 """
 
 from __future__ import annotations
@@ -16,9 +14,9 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aio_pika
 import aiormq.exceptions
@@ -34,28 +32,29 @@ from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from rexec.schemas import messages, names, signing, tls, tracing
+from rexec.schemas import messages, names, signing, tls
 from rexec.schemas.amqp import connect_cluster, connection_up, parse_amqp_urls, safe_url
-from rexec.schemas.names import LEASE_TOMBSTONE, RedisKeys
+from rexec.schemas.names import RedisKeys
 from rexec.schemas.redis_client import open_redis
 from rexec.schemas.redis_url import RedisURLError
 from rexec.schemas.settings import Settings, key_list
 
-from . import spans
-from .allow import allowed, preload_modules, refusal, task_target
-from .attempts import Attempt, Attempts, StopReason
+from .allow import preload_modules
+from .attempts import Attempts, StopReason
 from .children import open_child_pool
 from .control import ControlHandler
 from .deadletter import dead_letter
-from .delivery import DeliveredTask, Delivery, ack, requeue
+from .delivery import ack
 from .events import EventPublisher
 from .execution import Executor
-from .health import HealthServer
+from .handler import TaskHandler
+from .health import HealthApp, HealthServer
 from .heartbeat import Heartbeat
-from .intake import Intake, Slot
-from .leases import Claim, ClaimResult, LeaseStore, LostLease, OwnClaims
+from .intake import Intake
+from .leases import LeaseStore, LostLease
+from .logserver import LogSource
 from .logstore import LogStore, LogStoreError, open_store
-from .metrics import AgentMetrics, Counters, Outcome, attempt_outcome
+from .metrics import AgentMetrics
 from .reports import Reporter
 from .secrets import (
     Masker,
@@ -66,6 +65,7 @@ from .secrets import (
     build_resolver,
     hidden_env,
 )
+from .status import AgentStats, Counters
 
 log = logging.getLogger("rexec.agent")
 
@@ -87,42 +87,24 @@ class AgentError(Exception):
 
 
 @dataclass
-class AgentStats:
-    """Counters for tests and logs: what happened to the deliveries this agent received."""
+class _Signals:
+    """What ``run`` waits on; made inside it, since anyio events need the running loop."""
 
-    deliveries: int = 0
-    """Messages taken from the pool queue (a batch carries several tasks)."""
-    received: int = 0
-    """Tasks those messages carried."""
-    dead_lettered: int = 0
-    expired: int = 0
-    not_allowed: int = 0
-    duplicates: int = 0
-    cancelled_before_start: int = 0
-    started: int = 0
-    finished: int = 0
-    leases_lost: int = 0
-    handed_back: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    timed_out: int = 0
-    cancelled: int = 0
-    """Attempts cancelled while running (``cancelled_before_start``: before they started)."""
-    stopped_at_drain: int = 0
-    """Running attempts stopped at the drain deadline and reported back for a retry."""
+    stop_requested: anyio.Event = field(default_factory=anyio.Event)
+    hurry: anyio.Event = field(default_factory=anyio.Event)
+    finished: anyio.Event = field(default_factory=anyio.Event)
 
-    def ran(self, outcome: Outcome) -> None:
-        """Count how an attempt that ran ended (a lost lease is counted where it is found)."""
-        if outcome is Outcome.SUCCEEDED:
-            self.succeeded += 1
-        elif outcome is Outcome.FAILED:
-            self.failed += 1
-        elif outcome is Outcome.TIMED_OUT:
-            self.timed_out += 1
-        elif outcome is Outcome.CANCELLED:
-            self.cancelled += 1
-        elif outcome is Outcome.HANDED_BACK:
-            self.stopped_at_drain += 1
+
+@dataclass(frozen=True)
+class _Parts:
+    """What exists once connected to the broker and Redis."""
+
+    channel: AbstractChannel
+    dead_exchange: AbstractExchange
+    publisher: EventPublisher
+    leases: LeaseStore
+    heartbeat: Heartbeat
+    intake: Intake
 
 
 class Agent:
@@ -174,33 +156,20 @@ class Agent:
         """Every secret value this agent resolved: masked in its events and output."""
         self.secrets: Resolver = build_resolver(settings, self.masker, backend)
         self.hidden_env = hidden_env(settings, backend)
-        self._reporter = Reporter(agent_id, self.masker)
+        self.reporter = Reporter(agent_id, self.masker)
         self.attempts = Attempts()
         self._stop_flag = False
         self._hurry_flag = False
-        self._hurry: anyio.Event | None = None
-        self._stop_requested: anyio.Event | None = None
-        self._finished: anyio.Event | None = None
-        self._held: set[tuple[str, int]] = set()
-        self._own_claims = OwnClaims()
-        self._handlers = 0
-        self._handlers_idle: anyio.Event | None = None
-        self._started = False
         self._stop_requested_at: float | None = None
+        self._signals: _Signals | None = None
+        """Made by ``run``; None before it (and ``run`` runs once)."""
         self._connection: AbstractRobustConnection | None = None
+        self._events_channel: AbstractChannel | None = None
+        self._parts: _Parts | None = None
+        self._handler: TaskHandler | None = None
+        """Set while the agent consumes its pool queue."""
         self._failure: AgentError | None = None
         self._serve_scope: anyio.CancelScope | None = None
-        self._wired = False  # the parts below exist
-        self._serving = False  # consuming was started
-        # Set while running:
-        self._channel: AbstractChannel
-        self._events_channel: AbstractChannel | None = None
-        self._dead_exchange: AbstractExchange
-        self._intake: Intake
-        self._publisher: EventPublisher
-        self._leases: LeaseStore
-        self._executor: Executor
-        self._heartbeat: Heartbeat
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -210,16 +179,16 @@ class Agent:
         if self._stop_requested_at is None:
             self._stop_requested_at = time.monotonic()
         self._hurry_flag = self._hurry_flag or immediate
-        if self._stop_requested is not None:
-            self._stop_requested.set()
-        if immediate and self._hurry is not None:
-            self._hurry.set()
+        if self._signals is not None:
+            self._signals.stop_requested.set()
+            if immediate:
+                self._signals.hurry.set()
 
     async def shutdown(self, *, immediate: bool = False) -> None:
         """Drain and wait until ``run`` has finished."""
         self.request_shutdown(immediate=immediate)
-        if self._finished is not None:
-            await self._finished.wait()
+        if self._signals is not None:
+            await self._signals.finished.wait()
 
     @property
     def running(self) -> int:
@@ -229,18 +198,13 @@ class Agent:
         log.log(level, event, extra={"agent_id": self.agent_id, "pool": self.pool, **fields})
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        if self._started:
+        if self._signals is not None:
             raise RuntimeError("an Agent runs once; make a new one")
-        self._started = True
-        self._stop_requested = anyio.Event()
-        self._finished = anyio.Event()
-        self._handlers_idle = anyio.Event()
-        self._handlers_idle.set()
-        self._hurry = anyio.Event()
+        signals = self._signals = _Signals()
         if self._stop_flag:
-            self._stop_requested.set()
+            signals.stop_requested.set()
         if self._hurry_flag:
-            self._hurry.set()
+            signals.hurry.set()
         failure: AgentError | None = None
         try:
             health = self._health_server()
@@ -256,14 +220,14 @@ class Agent:
                         stack.push_async_callback(redis.aclose)
                         connection = await self._connect()
                         stack.push_async_callback(_close_quietly, connection)
-                        await self._serve(connection, redis, task_status)
+                        await self._serve(connection, redis, signals, task_status)
                 except AgentError as exc:  # raised unwrapped, not in an exception group
                     failure = exc
                 finally:
                     if health is not None:
                         health.stop()
         finally:
-            self._finished.set()
+            signals.finished.set()
         if failure is not None:
             raise failure
 
@@ -272,7 +236,12 @@ class Agent:
         if not port:
             return None
         try:
-            server = HealthServer(self, port)
+            app = HealthApp(
+                self,
+                self.metrics,
+                LogSource(self.logs, self.verifier, self.agent_id, self.pool),
+            )
+            server = HealthServer(app, port)
         except (OSError, ValueError, OverflowError) as exc:
             raise AgentError(
                 f"cannot serve health checks on port {port}: {exc}; set REXEC_HEALTH_PORT "
@@ -311,48 +280,54 @@ class Agent:
         return await channel.get_exchange(names.EVENTS_EXCHANGE, ensure=False)
 
     async def _serve(
-        self, connection: AbstractRobustConnection, redis: Redis, task_status: TaskStatus[None]
+        self,
+        connection: AbstractRobustConnection,
+        redis: Redis,
+        signals: _Signals,
+        task_status: TaskStatus[None],
     ) -> None:
-        assert self._stop_requested is not None
         self._connection = connection
-        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await self._channel.set_qos(prefetch_count=prefetch_for(self.concurrency))
-        queue = await self._pool_queue(self._channel)
-        self._dead_exchange = await self._channel.get_exchange(names.DEAD_EXCHANGE, ensure=False)
-        self._publisher = EventPublisher(
-            await self._events_exchange(connection),
-            user_id=self.broker_user,
-            renew=lambda: self._events_exchange(connection),
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.set_qos(prefetch_count=prefetch_for(self.concurrency))
+        queue = await self._pool_queue(channel)
+        leases = LeaseStore(redis, self.keys, self.pool, self.agent_id)
+        parts = self._parts = _Parts(
+            channel=channel,
+            dead_exchange=await channel.get_exchange(names.DEAD_EXCHANGE, ensure=False),
+            publisher=EventPublisher(
+                await self._events_exchange(connection),
+                user_id=self.broker_user,
+                renew=lambda: self._events_exchange(connection),
+            ),
+            leases=leases,
+            heartbeat=Heartbeat(
+                redis=redis,
+                keys=self.keys,
+                leases=leases,
+                agent_id=self.agent_id,
+                pool=self.pool,
+                hostname=self.hostname,
+                ttl=self.settings.heartbeat_ttl,
+                held=lambda: sorted(self.attempts.held),
+                running=lambda: self.running,
+                on_lost=self._on_lease_lost,
+                on_refused=self._credentials_refused,
+            ),
+            intake=Intake(
+                queue,
+                self.concurrency,
+                pause_after=self.pause_after,
+                return_after=self.return_after,
+                agent_id=self.agent_id,
+            ),
         )
-        self._leases = LeaseStore(redis, self.keys, self.pool, self.agent_id)
-        self._heartbeat = Heartbeat(
-            redis=redis,
-            keys=self.keys,
-            leases=self._leases,
-            agent_id=self.agent_id,
-            pool=self.pool,
-            hostname=self.hostname,
-            ttl=self.settings.heartbeat_ttl,
-            held=lambda: sorted(self._held),
-            running=lambda: self.running,
-            on_lost=self._on_lease_lost,
-            on_refused=self._credentials_refused,
-        )
-        self._intake = Intake(
-            queue,
-            self.concurrency,
-            pause_after=self.pause_after,
-            return_after=self.return_after,
-            agent_id=self.agent_id,
-        )
-        self._wired = True
-        if not await self._first_beat():
+        if not await self._first_beat(parts.heartbeat, signals):
             return
         with anyio.CancelScope() as self._serve_scope:
-            await self._serve_wired(connection, task_status)
+            await self._serve_parts(connection, parts, signals, task_status)
         if self._failure is not None:
             raise self._failure
-        await self._heartbeat.stop()
+        await parts.heartbeat.stop()
         counters = self.counters()
         self._log(
             logging.INFO,
@@ -362,12 +337,15 @@ class Agent:
             event_batches=counters.event_batches,
         )
 
-    async def _serve_wired(
-        self, connection: AbstractRobustConnection, task_status: TaskStatus[None]
+    async def _serve_parts(
+        self,
+        connection: AbstractRobustConnection,
+        parts: _Parts,
+        signals: _Signals,
+        task_status: TaskStatus[None],
     ) -> None:
-        assert self._stop_requested is not None
         async with anyio.create_task_group() as outer:
-            outer.start_soon(self._publisher.run)
+            outer.start_soon(parts.publisher.run)
             async with open_child_pool(
                 self.concurrency,
                 self.settings.max_result_bytes,
@@ -375,19 +353,33 @@ class Agent:
                 hidden_env=self.hidden_env,
                 preload=preload_modules(self.allow),
             ) as children:
-                self._executor = Executor(
-                    children,
-                    self._reporter,
-                    self.logs,
-                    self.masker.mask,
-                    self.secrets,
-                    hidden_env=self.hidden_env,
+                handler = TaskHandler(
+                    agent_id=self.agent_id,
+                    pool=self.pool,
+                    allow=self.allow,
+                    verifier=self.verifier,
+                    slots=parts.intake,
+                    emit=parts.publisher.emit,
+                    leases=parts.leases,
+                    runner=Executor(
+                        children,
+                        self.reporter,
+                        self.logs,
+                        self.masker.mask,
+                        self.secrets,
+                        hidden_env=self.hidden_env,
+                    ),
+                    dead_letter=lambda message, reason: self._dead_letter(parts, message, reason),
+                    reporter=self.reporter,
+                    attempts=self.attempts,
+                    stats=self.stats,
+                    metrics=self.metrics,
                 )
                 async with anyio.create_task_group() as work:
-                    work.start_soon(self._leases.run)
-                    work.start_soon(self._heartbeat.run)
+                    work.start_soon(parts.leases.run)
+                    work.start_soon(parts.heartbeat.run)
                     work.start_soon(self._prune_logs)
-                    await self._emit(
+                    await parts.publisher.emit(
                         messages.AgentOnline(
                             agent_id=self.agent_id,
                             pool=self.pool,
@@ -398,9 +390,9 @@ class Agent:
                         )
                     )
                     work.start_soon(self._start_control, connection)
-                    await self._intake.start()
-                    work.start_soon(self._intake.run)
-                    work.start_soon(self._consume, work)
+                    await parts.intake.start()
+                    work.start_soon(parts.intake.run)
+                    work.start_soon(self._consume, parts.intake, handler, work)
                     self._log(
                         logging.INFO,
                         "agent ready",
@@ -409,12 +401,12 @@ class Agent:
                         secrets_backend=self.secrets.backend.name,
                         queue=names.pool_queue(self.pool),
                     )
-                    self._serving = True
+                    self._handler = handler
                     task_status.started()
-                    await self._stop_requested.wait()
-                    await self._drain()
+                    await signals.stop_requested.wait()
+                    await self._drain(parts.intake, handler, signals)
                     work.cancel_scope.cancel()
-            await self._go_offline()
+            await self._go_offline(parts.publisher)
 
     async def _prune_logs(self) -> None:
         while True:
@@ -442,13 +434,12 @@ class Agent:
                 f"do not cover pool {self.pool!r}"
             ) from None
 
-    async def _first_beat(self) -> bool:
+    async def _first_beat(self, heartbeat: Heartbeat, signals: _Signals) -> bool:
         """The heartbeat must exist before any claim; wait for Redis if needed."""
-        assert self._stop_requested is not None
         delay = 0.1
-        while not self._stop_requested.is_set():
+        while not signals.stop_requested.is_set():
             try:
-                await self._heartbeat.beat()
+                await heartbeat.beat()
                 return True
             except (RedisError, OSError) as exc:
                 problem = tls.certificate_problem(exc)
@@ -457,7 +448,7 @@ class Agent:
                     raise AgentError(tls.describe(problem, "redis", where)) from None
                 self._log(logging.WARNING, "Redis unreachable, waiting", error=str(exc))
                 with anyio.move_on_after(delay):
-                    await self._stop_requested.wait()
+                    await signals.stop_requested.wait()
                 delay = min(delay * 2, 2.0)
         return False
 
@@ -490,17 +481,16 @@ class Agent:
         control = ControlHandler(self.attempts, self.agent_id, self._lease_lost)
         await queue.consume(control.on_message)
 
-    async def _drain(self) -> None:
+    async def _drain(self, intake: Intake, handler: TaskHandler, signals: _Signals) -> None:
         self._log(
             logging.INFO,
             "draining: intake stopped, waiting for running tasks",
             running=self.running,
             drain_timeout=self.drain_timeout,
         )
-        await self._intake.stop()
-        await self._wait_handlers(self.drain_timeout, hurry=True)
-        left = self.attempts.all()
-        for attempt in left:
+        await intake.stop()
+        await _wait_idle(handler, self.drain_timeout, signals.hurry)
+        for attempt in self.attempts.all():
             if attempt.stop(StopReason.SHUTDOWN):
                 self._log(
                     logging.WARNING,
@@ -508,242 +498,21 @@ class Agent:
                     task_id=attempt.task.task_id,
                     attempt=attempt.task.attempt,
                 )
-        if not await self._wait_handlers(SHUTDOWN_GRACE, hurry=False):
+        if not await _wait_idle(handler, SHUTDOWN_GRACE, None):
             self._log(logging.ERROR, "tasks still reporting at shutdown", running=self.running)
 
-    async def _wait_handlers(self, seconds: float, *, hurry: bool) -> bool:
-        """Wait until no delivery is being handled; False on timeout (or a hurry request)."""
-        assert self._hurry is not None
-        with anyio.move_on_after(seconds):
-            while self._handlers:
-                assert self._handlers_idle is not None
-                events = [self._handlers_idle, self._hurry] if hurry else [self._handlers_idle]
-                await _first_of(events)
-                if hurry and self._hurry.is_set():
-                    break
-        return self._handlers == 0
-
-    async def _go_offline(self) -> None:
+    async def _go_offline(self, publisher: EventPublisher) -> None:
         with anyio.move_on_after(OFFLINE_TIMEOUT):
-            await self._emit(
+            await publisher.emit(
                 messages.AgentOffline(
                     agent_id=self.agent_id, pool=self.pool, reason="shutdown", at=time.time()
                 )
             )
-        self._publisher.close()
+        publisher.close()
 
-    # -- deliveries --------------------------------------------------------------------------
-
-    async def _consume(self, work: TaskGroup) -> None:
-        async for message in self._intake.deliveries:
-            self._enter_handler()
-            work.start_soon(self._handle_guarded, message, work)
-
-    def _enter_handler(self) -> None:
-        self._handlers += 1
-        if self._handlers_idle is not None and self._handlers_idle.is_set():
-            self._handlers_idle = anyio.Event()
-
-    def _leave_handler(self) -> None:
-        self._handlers -= 1
-        if self._handlers == 0 and self._handlers_idle is not None:
-            self._handlers_idle.set()
-
-    async def _handle_guarded(self, message: AbstractIncomingMessage, work: TaskGroup) -> None:
-        try:
-            await self._handle(message, work)
-        except Exception:
-            log.exception(
-                "unexpected error handling a delivery; returning it unless already acked",
-                extra={"agent_id": self.agent_id},
-            )
-            await requeue(message)
-        finally:
-            self._leave_handler()
-
-    async def _handle(self, message: AbstractIncomingMessage, work: TaskGroup) -> None:
-        """Check the delivery as a whole (signature, format, pool), then handle each task:
-        a batch's tasks side by side, each in a handler of its own."""
-        self.stats.deliveries += 1
-        try:
-            self.verifier.verify(
-                message.body, (message.headers or {}).get(signing.SIGNATURE_HEADER)
-            )
-        except signing.SignatureError as exc:
-            await self._dead_letter(message, f"refused: {exc}")
-            return
-        batched = message.type == messages.TASK_BATCH_TYPE
-        try:
-            tasks, traceparents = _decode(message.body, batched)
-            for task in tasks:
-                if task.pool != self.pool:
-                    raise messages.MessageError(
-                        f"task {task.task_id} is for pool {task.pool!r}, but it reached the "
-                        f"queue of pool {self.pool!r}"
-                    )
-        except messages.MessageError as exc:
-            await self._dead_letter(message, str(exc))
-            return
-        self.stats.received += len(tasks)
-        if self._intake.stopped:
-            await requeue(message)
-            self.stats.handed_back += len(tasks)
-            return
-        delivery = Delivery(message, batched=batched, emit=self._emit, agent_id=self.agent_id)
-        if not batched:
-            await self._handle_task(delivery.task(tasks[0], message.headers))
-            return
-        items = [
-            delivery.task(task, {"traceparent": tp} if tp else None)
-            for task, tp in zip(tasks, traceparents or [""] * len(tasks), strict=True)
-        ]
-        for item in items:
-            self._enter_handler()
-            work.start_soon(self._handle_task_guarded, item)
-
-    async def _handle_task_guarded(self, item: DeliveredTask) -> None:
-        try:
-            await self._handle_task(item)
-        except Exception:
-            log.exception(
-                "unexpected error handling a task of a batch; handing it back unless started",
-                extra={"agent_id": self.agent_id, "task_id": item.task.task_id},
-            )
-            if not item.settled:  # not started: let the next agent claim it
-                await self._abandon(item.task)
-            await item.hand_back("agent_error")
-        finally:
-            self._leave_handler()
-
-    async def _handle_task(self, item: DeliveredTask) -> None:
-        task = item.task
-        if task.expires_at is not None and task.expires_at <= time.time():
-            await self._finish_unstarted(item, self._reporter.event(messages.Expired, task))
-            self.stats.expired += 1
-            self._log_task(logging.INFO, "task expired before it started", task)
-            return
-        refused = self._refusal(task)
-        if refused is not None:
-            await self._finish_unstarted(item, refused)
-            self.stats.not_allowed += 1
-            self._log_task(logging.WARNING, "task refused", task, reason=refused.message)
-            return
-        slot = await self._intake.acquire()
-        if slot is None:
-            await self._hand_back(item, "draining" if self._intake.stopped else "no_slot")
-            return
-        try:
-            if tracing.active():
-                await self._claim_and_run_traced(item, slot)
-            else:
-                await self._claim_and_run(item, slot)
-        finally:
-            slot.release()
-
-    async def _hand_back(self, item: DeliveredTask, reason: str) -> None:
-        await item.hand_back(reason)
-        self.stats.handed_back += 1
-
-    def _refusal(self, task: messages.TaskMessage) -> messages.Failed | None:
-        if task.kind == "command" and not task.argv:
-            return self._reporter.failed(
-                task, "InvalidTask", "command task with an empty argv", retryable=False
-            )
-        target = task_target(task)
-        if not allowed(target, self.allow):
-            return self._reporter.failed(
-                task, "TargetNotAllowed", refusal(target, self.allow), retryable=False
-            )
-        return None
-
-    async def _finish_unstarted(self, item: DeliveredTask, event: messages.Event) -> None:
-        await self._emit(event)
-        await item.settle()
-
-    async def _claim_and_run_traced(self, item: DeliveredTask, slot: Slot) -> Outcome:
-        """``_claim_and_run`` inside the attempt's span (claim, started, run, terminal event)."""
-        span = spans.start_attempt(item.headers, item.task, self.agent_id)
-        outcome: Outcome | None = None
-        error: Exception | None = None
-        try:
-            outcome = await self._claim_and_run(item, slot)
-            return outcome
-        except Exception as exc:
-            error = exc
-            raise
-        finally:
-            spans.end_attempt(span, outcome, error)
-
-    async def _claim_and_run(self, item: DeliveredTask, slot: Slot) -> Outcome:
-        task = item.task
-        key = (task.task_id, task.attempt)
-        self._own_claims.claiming(key)
-        try:
-            claim = await self._claim(task)
-        finally:
-            self._own_claims.claimed(key)
-        if (
-            claim is not None
-            and claim.outcome is Claim.DUPLICATE
-            and claim.previous_holder == self.agent_id
-            and self._own_claims.is_lost_reply(key, self._held)
-        ):
-            self._log_task(logging.WARNING, "claim answered late: the lease is ours", task)
-            claim = ClaimResult(Claim.CLAIMED, "")
-        if claim is None:  # draining while Redis was unreachable
-            await self._hand_back(item, "draining")
-            return Outcome.HANDED_BACK
-        if claim.outcome is Claim.DUPLICATE:
-            if claim.previous_holder not in (self.agent_id, LEASE_TOMBSTONE):
-                # Another live agent holds it. If that agent died after claiming and before
-                # its ``started`` reached the broker, this copy is the task's last: dropping
-                # it would strand the task, queued, with nothing left to publish it. The
-                # dispatcher, told, ignores a task that has started and republishes one that
-                # has not, after a pause, until the holder's heartbeat has expired.
-                await item.report_returned(messages.HELD_ELSEWHERE)
-            await item.settle()
-            self.stats.duplicates += 1
-            self._log_task(
-                logging.INFO, "duplicate delivery dropped", task, holder=claim.previous_holder
-            )
-            return Outcome.DUPLICATE
-        if claim.outcome is Claim.CANCELLED:
-            await item.settle()
-            self.stats.cancelled_before_start += 1
-            self._log_task(logging.INFO, "task cancelled before it started", task)
-            return Outcome.CANCELLED
-        self._held.add(key)
-        if claim.previous_holder:
-            self._log_task(
-                logging.WARNING,
-                "took over the lease of a dead agent",
-                task,
-                previous_holder=claim.previous_holder,
-            )
-        if self._intake.stopped:
-            await self._abandon(task)
-            await self._hand_back(item, "draining")
-            return Outcome.HANDED_BACK
-        attempt = Attempt(task)
-        self.attempts.add(attempt)
-        try:
-            await self._emit(self._reporter.event(messages.Started, task))
-            await item.settle()
-            self.stats.started += 1
-            started = time.monotonic()
-            self._log_task(logging.DEBUG, "task started", task)
-            event = await self._executor.execute(attempt)
-        finally:
-            self.attempts.remove(attempt)
-            slot.release()  # the next task may start while this one reports
-        if event is not None:
-            await self._emit(event)
-        outcome = attempt_outcome(event, attempt.stop_reason)
-        self.stats.ran(outcome)
-        self.metrics.ran(outcome, time.monotonic() - started)
-        self.stats.finished += 1
-        await self._release(task)
-        return outcome
+    async def _consume(self, intake: Intake, handler: TaskHandler, work: TaskGroup) -> None:
+        async for message in intake.deliveries:
+            handler.start(message, work)
 
     # -- health ------------------------------------------------------------------------------
 
@@ -761,12 +530,12 @@ class Agent:
         """Why the agent cannot take tasks now (None: connected to RabbitMQ and Redis)."""
         if self._stop_flag:
             return "draining: shutdown requested, intake stopped"
-        connection = self._connection
-        if not self._serving or connection is None:
+        connection, parts = self._connection, self._parts
+        if self._handler is None or connection is None or parts is None:
             return "starting: connecting to RabbitMQ and Redis"
-        if not connection_up(connection) or self._channel.is_closed:
+        if not connection_up(connection) or parts.channel.is_closed:
             return "RabbitMQ connection lost: reconnecting"
-        if self._heartbeat.failing:
+        if parts.heartbeat.failing:
             return "Redis unreachable: the heartbeat fails"
         # A saturated agent (intake paused, every slot busy) is ready: reporting it unready
         # would stall rolling updates exactly when the pool is busiest.
@@ -774,50 +543,16 @@ class Agent:
 
     def counters(self) -> Counters:
         """What the event publisher and the heartbeat counted (zero before they exist)."""
-        if not self._wired:
+        parts = self._parts
+        if parts is None:
             return Counters()
         return Counters(
-            event_batches=self._publisher.published_batches,
-            events=self._publisher.published_events,
-            heartbeat_failures=self._heartbeat.failures,
+            event_batches=parts.publisher.published_batches,
+            events=parts.publisher.published_events,
+            heartbeat_failures=parts.heartbeat.failures,
         )
 
-    # -- claims and leases -------------------------------------------------------------------
-
-    async def _claim(self, task: messages.TaskMessage) -> ClaimResult | None:
-        delay = 0.1
-        while True:
-            try:
-                return await self._leases.claim(task.task_id, task.attempt)
-            except (RedisError, OSError) as exc:
-                if self._intake.stopped:
-                    return None
-                self._log_task(
-                    logging.WARNING,
-                    "cannot claim: Redis unreachable, retrying",
-                    task,
-                    error=str(exc),
-                )
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def _release(self, task: messages.TaskMessage) -> None:
-        key = (task.task_id, task.attempt)
-        self._held.discard(key)
-        self._own_claims.finished(key)
-        try:
-            await self._leases.release(*key)
-        except (RedisError, OSError):
-            self._leases.pending_releases.add(key)
-
-    async def _abandon(self, task: messages.TaskMessage) -> None:
-        """Give a claimed, unstarted attempt back: the next agent must be able to claim it."""
-        key = (task.task_id, task.attempt)
-        self._held.discard(key)
-        try:
-            await self._leases.abandon(*key)
-        except (RedisError, OSError) as exc:
-            self._log_task(logging.WARNING, "could not abandon the lease", task, error=str(exc))
+    # -- leases lost and credentials refused -------------------------------------------------
 
     def _credentials_refused(self, why: str) -> None:
         """Our credentials are gone: we cannot report, so stop every attempt and exit."""
@@ -835,9 +570,7 @@ class Agent:
 
     def _lease_lost(self, task_id: str, attempt_no: int, holder: str | None) -> None:
         """Another agent holds this attempt now (it took it over): stop ours, report nothing."""
-        self._held.discard((task_id, attempt_no))
-        attempt = self.attempts.get(task_id, attempt_no)
-        if attempt is None or not attempt.stop(StopReason.LEASE_LOST):
+        if not self.attempts.lease_lost(task_id, attempt_no):
             return
         self.stats.leases_lost += 1
         by = f" by {holder}" if holder else ""
@@ -850,14 +583,13 @@ class Agent:
             holder=holder,
         )
 
-    # -- broker helpers ----------------------------------------------------------------------
+    # -- dead letters ------------------------------------------------------------------------
 
-    async def _emit(self, event: messages.Event) -> None:
-        await self._publisher.emit(event)
-
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def _dead_letter(
+        self, parts: _Parts, message: AbstractIncomingMessage, reason: str
+    ) -> None:
         published = await dead_letter(
-            self._dead_exchange,
+            parts.dead_exchange,
             message,
             reason=reason,
             pool=self.pool,
@@ -882,21 +614,25 @@ class Agent:
         except Exception as exc:
             self._log(logging.WARNING, "reject failed", error=repr(exc))
 
-    def _log_task(
-        self, level: int, event: str, task: messages.TaskMessage, **fields: object
-    ) -> None:
-        self._log(level, event, task_id=task.task_id, attempt=task.attempt, **fields)
+
+async def _wait_idle(handler: TaskHandler, seconds: float, hurry: anyio.Event | None) -> bool:
+    """Wait until the handler is idle; False on timeout (or once ``hurry`` is set)."""
+    with anyio.move_on_after(seconds):
+        waits = [handler.wait_idle] if hurry is None else [handler.wait_idle, hurry.wait]
+        await _first_of(waits)
+    return handler.busy == 0
 
 
-async def _first_of(events: Sequence[anyio.Event]) -> None:
+async def _first_of(waits: Sequence[Callable[[], Awaitable[object]]]) -> None:
+    """Return as soon as the first of ``waits`` returns."""
     async with anyio.create_task_group() as tg:
 
-        async def wait(event: anyio.Event) -> None:
-            await event.wait()
+        async def wait(until: Callable[[], Awaitable[object]]) -> None:
+            await until()
             tg.cancel_scope.cancel()
 
-        for event in events:
-            tg.start_soon(wait, event)
+        for until in waits:
+            tg.start_soon(wait, until)
 
 
 def prefetch_for(concurrency: int) -> int:
@@ -905,14 +641,6 @@ def prefetch_for(concurrency: int) -> int:
     ``concurrency`` of them. A delivery is acked as soon as its tasks start, so this bounds
     tasks waiting for a slot, not tasks running."""
     return min(concurrency, max(2, math.ceil(concurrency / 4)))
-
-
-def _decode(body: bytes, batched: bool) -> tuple[list[messages.TaskMessage], list[str]]:
-    """The tasks of a delivery and their ``traceparent``s (empty: in the message headers)."""
-    if not batched:
-        return [messages.decode_task(body)], []
-    batch = messages.decode_task_batch(body)
-    return batch.tasks, batch.traceparents
 
 
 def _asdict(stats: AgentStats) -> dict[str, object]:

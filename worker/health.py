@@ -19,7 +19,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import msgspec
@@ -27,10 +27,9 @@ import uvicorn
 from anyio.abc import TaskStatus
 
 from . import logserver
-from .metrics import CONTENT_TYPE
-
-if TYPE_CHECKING:
-    from .agent import Agent
+from .logserver import LogSource
+from .metrics import CONTENT_TYPE, AgentMetrics
+from .status import AgentStatus
 
 log = logging.getLogger("rexec.agent.health")
 
@@ -47,8 +46,10 @@ STOP_TIMEOUT = 2
 class HealthApp:
     """The ASGI application: three read-only routes over the agent's state."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentStatus, metrics: AgentMetrics, logs: LogSource) -> None:
         self.agent = agent
+        self.metrics = metrics
+        self.logs = logs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan is off; websockets are not served
@@ -61,9 +62,9 @@ class HealthApp:
         elif path == "/readyz":
             await self._status(send, method, self.agent.readiness())
         elif path == "/metrics":
-            await _respond(send, 200, self.agent.metrics.render(), CONTENT_TYPE, method)
+            await _respond(send, 200, self.metrics.render(), CONTENT_TYPE, method)
         elif logserver.matches(path) and method == "GET":
-            await logserver.serve(self.agent, scope, receive, send)
+            await logserver.serve(self.logs, scope, receive, send)
         else:
             await _respond(
                 send,
@@ -109,14 +110,14 @@ class _Server(uvicorn.Server):
 class HealthServer:
     """Binds at construction (so a port in use is an error at start), serves in ``run``."""
 
-    def __init__(self, agent: Agent, port: int) -> None:
+    def __init__(self, app: HealthApp, port: int) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"REXEC_HEALTH_PORT must be 1-65535 (or 0 for none), not {port}")
         self.port = port
         self._socket = _bind(port)
         self._server = _Server(
             uvicorn.Config(
-                HealthApp(agent),
+                app,
                 log_config=None,
                 access_log=False,
                 lifespan="off",

@@ -11,18 +11,16 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs
 
 import anyio
 import anyio.to_thread
 
-from rexec.schemas import loggrant
+from rexec.schemas import loggrant, signing
 
-from .logstore import TASK_ID
-
-if TYPE_CHECKING:
-    from .agent import Agent
+from .logstore import TASK_ID, LogStore
 
 log = logging.getLogger("rexec.agent.logs")
 
@@ -36,11 +34,21 @@ FOLLOW_POLL = 0.2
 """Seconds between reads of a followed log that has no new bytes."""
 
 
+@dataclass(frozen=True)
+class LogSource:
+    """What serving a log needs: the agent's log store, and the key that checks grants."""
+
+    logs: LogStore
+    verifier: signing.Verifier
+    agent_id: str
+    pool: str
+
+
 def matches(path: str) -> bool:
     return path.startswith("/logs/")
 
 
-async def serve(agent: Agent, scope: Scope, receive: Receive, send: Send) -> None:
+async def serve(source: LogSource, scope: Scope, receive: Receive, send: Send) -> None:
     match = PATH.match(scope["path"])
     if match is None or not TASK_ID.match(match.group(1)):
         await _text(send, 404, "not found: the path is /logs/<task_id>/<attempt>")
@@ -52,13 +60,13 @@ async def serve(agent: Agent, scope: Scope, receive: Receive, send: Send) -> Non
         return
     try:
         loggrant.verify(
-            agent.verifier, grant, task_id=task_id, attempt=attempt, agent_id=agent.agent_id
+            source.verifier, grant, task_id=task_id, attempt=attempt, agent_id=source.agent_id
         )
     except loggrant.GrantError as exc:
         log.warning(
             "log request refused",
             extra={
-                "agent_id": agent.agent_id,
+                "agent_id": source.agent_id,
                 "task_id": task_id,
                 "attempt": attempt,
                 "reason": str(exc),
@@ -66,7 +74,7 @@ async def serve(agent: Agent, scope: Scope, receive: Receive, send: Send) -> Non
         )
         await _text(send, 403, str(exc))
         return
-    store, pool = agent.logs, agent.pool
+    store, pool = source.logs, source.pool
     first = await anyio.to_thread.run_sync(store.read, pool, task_id, attempt, 0)
     if first is None and store.is_open(pool, task_id, attempt):
         first = b""  # running, and has written nothing yet
@@ -74,7 +82,7 @@ async def serve(agent: Agent, scope: Scope, receive: Receive, send: Send) -> Non
         await _text(
             send,
             404,
-            f"no log of task {task_id} attempt {attempt} on agent {agent.agent_id} "
+            f"no log of task {task_id} attempt {attempt} on agent {source.agent_id} "
             "(never run here, succeeded without output, or removed after REXEC_LOG_RETENTION)",
         )
         return

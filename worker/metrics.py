@@ -1,74 +1,29 @@
 """Prometheus metrics of one agent, served at ``/metrics`` by its health server.
 
-Counters are read at scrape time from what the agent counts anyway (``agent.stats``, the event
-publisher, the heartbeat), so nothing is counted twice; only the run-time histogram is updated
+Counters are read at scrape time from what the agent counts anyway (its ``AgentStatus``: the
+stats, the event publisher, the heartbeat), so nothing is counted twice; only the run-time histogram is updated
 as attempts end. Each agent has its own registry, so agents run in one process stay apart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from rexec.schemas import messages
-
-from .attempts import StopReason
-
-if TYPE_CHECKING:
-    from .agent import Agent
+from .attempts import Outcome
+from .status import AgentStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
 
 
-class Outcome(StrEnum):
-    """How a delivery ended on this agent: the ``outcome`` label and ``rexec.outcome``."""
-
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    TIMED_OUT = "timed_out"
-    CANCELLED = "cancelled"
-    EXPIRED = "expired"
-    NOT_ALLOWED = "not_allowed"
-    DEAD_LETTERED = "dead_lettered"
-    DUPLICATE = "duplicate"
-    HANDED_BACK = "handed_back"
-    LEASE_LOST = "lease_lost"
-    """Another agent took the attempt over; counted by ``rexec_agent_leases_lost_total``."""
-
-
-def attempt_outcome(event: messages.TaskEvent | None, reason: StopReason | None) -> Outcome:
-    """The outcome of an attempt that ran, from its terminal event (None: lease lost)."""
-    if isinstance(event, messages.Succeeded):
-        return Outcome.SUCCEEDED
-    if isinstance(event, messages.TimedOut):
-        return Outcome.TIMED_OUT
-    if isinstance(event, messages.Cancelled):
-        return Outcome.CANCELLED
-    if isinstance(event, messages.Failed):
-        if reason is StopReason.SHUTDOWN and event.error_type == "AgentShutdown":
-            return Outcome.HANDED_BACK  # stopped at the drain deadline, retried elsewhere
-        return Outcome.FAILED
-    return Outcome.LEASE_LOST
-
-
-@dataclass(frozen=True)
-class Counters:
-    """What the agent's parts count: its event publisher and its heartbeat."""
-
-    event_batches: int = 0
-    events: int = 0
-    heartbeat_failures: int = 0
-
-
 class AgentMetrics:
-    def __init__(self, agent: Agent) -> None:
+    """The agent's registry: the run-time histogram, and its counters read at scrape time."""
+
+    def __init__(self, agent: AgentStatus) -> None:
         self.registry = CollectorRegistry()
         self.task_seconds = Histogram(
             "rexec_agent_task_seconds",
@@ -91,7 +46,7 @@ class AgentMetrics:
 class _AgentCollector(Collector):
     """Reads the agent's own counters at scrape time."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentStatus) -> None:
         self.agent = agent
 
     def collect(self) -> Iterator[Metric]:

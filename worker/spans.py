@@ -15,7 +15,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from rexec.schemas import messages, names, tracing
 
 from .allow import task_target
-from .metrics import Outcome
+from .attempts import Outcome
 
 _ERRORS = (Outcome.FAILED, Outcome.TIMED_OUT)
 

@@ -85,7 +85,7 @@ async def test_drain_returns_the_waiting_tasks_of_a_batch(
         await tg.start(agent.run)
         await broker.publish(pool, messages.TaskBatch(tasks=[first, waiting]))
         await broker.wait_for(first.task_id, messages.Started)
-        await until(lambda: agent._intake.waiting == 1, 5, "the second task to wait")
+        await until(lambda: agent._parts.intake.waiting == 1, 5, "the second task to wait")
         with anyio.fail_after(20):
             await agent.shutdown()
     assert isinstance(await broker.terminal(first.task_id), messages.Succeeded)
@@ -140,7 +140,7 @@ async def test_behind_long_tasks_the_agent_leaves_later_batches_in_the_queue(
             await broker.publish(pool, messages.TaskBatch(tasks=batch))
         for running in batches[0]:
             await broker.wait_for(running.task_id, messages.Started)
-        await until(lambda: agent._intake.waiting == 8, 5, "two batches to wait")
+        await until(lambda: agent._parts.intake.waiting == 8, 5, "two batches to wait")
         ready = await broker.wait_ready(names.pool_queue(pool), 2)
         assert {t.task_id for body in ready for t in messages.decode_task_batch(body).tasks} == {
             t.task_id for batch in batches[3:] for t in batch

@@ -17,6 +17,7 @@ from rexec.schemas.names import RedisKeys
 from rexec.schemas.settings import Settings
 from rexec.worker import delivery
 from rexec.worker.agent import Agent, AgentError
+from rexec.worker.events import EventPublisher
 from tests.conftest import MANAGEMENT_URL
 from tests.support import await_until
 from tests.worker.harness import Broker, running_agent, task, until
@@ -24,36 +25,33 @@ from tests.worker.harness import Broker, running_agent, task, until
 pytestmark = pytest.mark.anyio
 
 
-class RecordingAgent(Agent):
-    """Records the order of confirmed events (and, with ``record_acks``, of acks)."""
+def record_confirms_and_acks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """The order in which the broker confirmed task events and the agent acked deliveries."""
+    order: list[tuple[str, str]] = []
+    real_emit, real_ack = EventPublisher.emit, delivery.ack
 
-    order: list[tuple[str, str]]
-
-    async def _emit(self, event: messages.Event) -> None:
-        await super()._emit(event)
+    async def recording_emit(publisher: EventPublisher, event: messages.Event) -> None:
+        await real_emit(publisher, event)
         if isinstance(event, messages.TaskEvent):
-            self.order.append((f"confirmed {type(event).__name__}", event.task_id))
-
-
-def record_acks(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_ack = delivery.ack
+            order.append((f"confirmed {type(event).__name__}", event.task_id))
 
     async def recording_ack(message: AbstractIncomingMessage, agent_id: str) -> None:
-        RecordingAgent.order.append(("ack", messages.decode_task(message.body).task_id))
+        order.append(("ack", messages.decode_task(message.body).task_id))
         await real_ack(message, agent_id)
 
+    monkeypatch.setattr(EventPublisher, "emit", recording_emit)
     monkeypatch.setattr(delivery, "ack", recording_ack)
+    return order
 
 
 async def test_started_is_confirmed_before_the_delivery_is_acked(
     broker: Broker, agent_settings: Settings, pool: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    RecordingAgent.order = []
-    record_acks(monkeypatch)
-    async with running_agent(broker, agent_settings, pool, agent_class=RecordingAgent):
+    recorded = record_confirms_and_acks(monkeypatch)
+    async with running_agent(broker, agent_settings, pool):
         message = task(pool, "tests.tasks:sleep", args=[0.2])
         assert isinstance(await broker.run(pool, message), messages.Succeeded)
-        order = [what for what, task_id in RecordingAgent.order if task_id == message.task_id]
+        order = [what for what, task_id in recorded if task_id == message.task_id]
         assert order == ["confirmed Started", "ack", "confirmed Succeeded"]
 
 
@@ -69,7 +67,7 @@ async def test_delivery_is_not_held_while_the_task_runs(
         # The broker closes the agent's channel (as on a channel error); the robust channel
         # reopens. Unacked deliveries would go back to the queue now.
         with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
-            await agent._channel.declare_queue("rexec.no-such-queue", passive=True)
+            await agent._parts.channel.declare_queue("rexec.no-such-queue", passive=True)
         assert await broker.ready(names.pool_queue(pool)) == []
         assert isinstance(await broker.terminal(message.task_id), messages.Succeeded)
         assert isinstance(await broker.run(pool, task(pool)), messages.Succeeded)
@@ -97,7 +95,7 @@ async def test_drain_finishes_what_it_can_and_hands_back_the_rest(
         await broker.wait_for(quick.task_id, messages.Started)
         await broker.wait_for(slow.task_id, messages.Started)
         await broker.publish(pool, waiting)  # delivered, but no slot is free
-        await until(lambda: agent._intake.waiting == 1, 5, "the third delivery to wait")
+        await until(lambda: agent._parts.intake.waiting == 1, 5, "the third delivery to wait")
         with anyio.fail_after(10):
             await agent.shutdown()  # what SIGTERM does in rexec-agent
     assert isinstance(await broker.terminal(quick.task_id), messages.Succeeded)
@@ -131,7 +129,7 @@ async def test_intake_pauses_and_hands_back_deliveries_behind_long_tasks(
         await broker.publish(pool, long)
         await broker.wait_for(long.task_id, messages.Started)
         await broker.publish(pool, queued)
-        await until(lambda: agent._intake.pauses == 1, 5, "intake to pause")
+        await until(lambda: agent._parts.intake.pauses == 1, 5, "intake to pause")
         await until(lambda: agent.stats.handed_back == 1, 5, "the waiting delivery handed back")
         [back] = await broker.wait_ready(names.pool_queue(pool), 1)
         assert messages.decode_task(back).task_id == queued.task_id
