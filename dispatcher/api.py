@@ -65,8 +65,7 @@ from rexec.schemas.api import (
     WaitTasks,
 )
 
-from . import apikeys, audit, auth, logaccess, service
-from . import metrics as metrics_module
+from . import apikeys, audit, auth, gauges, logaccess, service
 from .ratelimit import RateLimited, SubmitLimiter
 from .runtime import Runtime
 
@@ -360,7 +359,7 @@ async def readyz(rt: NamedDependency[Runtime]) -> Response[dict[str, str]]:
 
 async def metrics(rt: NamedDependency[Runtime]) -> Response[bytes]:
     """Prometheus metrics (text format): tasks, queue depth, agents, latencies, requeues."""
-    body = await metrics_module.render(rt)
+    body = await gauges.render(rt)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

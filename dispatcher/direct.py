@@ -27,7 +27,8 @@ from sqlalchemy import delete, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from .db.models import Outbox
-from .relay import BATCH_SIZE, Due, publish
+from .outbox import Due
+from .relay import BATCH_SIZE, publish
 from .runtime import Runtime
 
 log = logging.getLogger("rexec.direct")

@@ -3,20 +3,19 @@
 The API commits a task and its outbox row together; the relay publishes persistent messages
 with publisher confirms and ``mandatory`` (an unroutable pool is an error, not a silent drop),
 and deletes the outbox rows only after the broker confirmed. A crash in between publishes the
-same attempt again; agents recognise the duplicate by its lease.
+same attempt again; agents recognise the duplicate by its lease. The rows it reads (``Due``)
+and the task message each becomes are in ``outbox.py``, which the direct publisher shares.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NamedTuple, Protocol
 
 import aio_pika
 import anyio
-import msgspec
 from aio_pika.abc import AbstractExchange
 from aio_pika.exceptions import DeliveryError
 from opentelemetry import trace
@@ -26,10 +25,10 @@ from pamqp.common import FieldValue
 from sqlalchemy import delete, func, select
 
 from rexec.schemas import messages, names, signing, tracing
-from rexec.schemas.api import TaskState
 
 from . import limits
 from .db.models import Outbox, Pool, Task
+from .outbox import DUE_COLUMNS, Due, task_message
 from .runtime import BROKER_ERRORS, Runtime
 
 log = logging.getLogger("rexec.relay")
@@ -37,107 +36,6 @@ log = logging.getLogger("rexec.relay")
 BATCH_SIZE = 500
 IDLE_POLL = 1.0
 """Seconds between looks at the outbox when nothing woke the relay (other replicas, retries)."""
-
-_json = msgspec.json.Decoder()
-
-
-class Messaged(Protocol):
-    """The columns of a task its message carries (an ORM ``Task`` or a ``Due`` row)."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def pool(self) -> str: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def target(self) -> str: ...
-    @property
-    def argv_json(self) -> str: ...
-    @property
-    def args_json(self) -> str: ...
-    @property
-    def kwargs_json(self) -> str: ...
-    @property
-    def secrets_json(self) -> str | None: ...
-    @property
-    def timeout(self) -> float | None: ...
-    @property
-    def expires_at(self) -> float | None: ...
-    @property
-    def created_at(self) -> float: ...
-
-
-def task_message(task: Messaged, attempt: int) -> messages.TaskMessage:
-    return messages.TaskMessage(
-        task_id=task.id,
-        attempt=attempt,
-        pool=task.pool,
-        kind="command" if task.kind == "command" else "function",
-        target=task.target,
-        argv=_json.decode(task.argv_json),
-        args=_json.decode(task.args_json),
-        kwargs=_json.decode(task.kwargs_json),
-        timeout=task.timeout,
-        expires_at=task.expires_at,
-        submitted_at=task.created_at,
-        secrets=_json.decode(task.secrets_json or "[]"),
-    )
-
-
-class Due(NamedTuple):
-    """A due outbox row with its task's columns: what the relay needs, read as a plain row
-    (ORM entities cost more CPU to build than the relay spends on everything else)."""
-
-    outbox_id: int
-    attempt: int
-    """The outbox row's attempt: the one to publish."""
-    state: str
-    task_attempt: int
-    """The task's current attempt: a row of an earlier one is stale."""
-    id: str
-    pool: str
-    kind: str
-    target: str
-    argv_json: str
-    args_json: str
-    kwargs_json: str
-    secrets_json: str | None
-    timeout: float | None
-    expires_at: float | None
-    created_at: float
-    trace_parent: str | None
-
-    @property
-    def live(self) -> bool:
-        return self.state == TaskState.QUEUED and self.task_attempt == self.attempt
-
-    @classmethod
-    def first_attempt(cls, task: Mapping[str, Any], outbox_id: int) -> Due:
-        """A new task's first attempt, from the column values its submit inserted (the fields
-        after the four outbox ones are the task's columns, by name)."""
-        columns = (task[name] for name in cls._fields[4:])
-        return cls(outbox_id, 1, task["state"], 1, *columns)
-
-
-_DUE_COLUMNS = (
-    Outbox.id,
-    Outbox.attempt,
-    Task.state,
-    Task.attempt,
-    Task.id,
-    Task.pool,
-    Task.kind,
-    Task.target,
-    Task.argv_json,
-    Task.args_json,
-    Task.kwargs_json,
-    Task.secrets_json,
-    Task.timeout,
-    Task.expires_at,
-    Task.created_at,
-    Task.trace_parent,
-)
 
 
 async def run_relay(rt: Runtime) -> None:
@@ -166,7 +64,7 @@ async def relay_once(rt: Runtime, exchange: AbstractExchange) -> tuple[int, floa
         slots = await limits.free_slots(session)
         full = [pool for pool, free in slots.items() if free <= 0]
         result = await session.execute(
-            select(*_DUE_COLUMNS)
+            select(*DUE_COLUMNS)
             .select_from(Outbox)
             .join(Task, Task.id == Outbox.task_id)
             .join(Pool, Pool.name == Task.pool)

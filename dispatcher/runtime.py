@@ -7,7 +7,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import aio_pika
 import anyio
@@ -29,10 +29,8 @@ from .batching import BatchSizes
 from .db.engine import make_engine, make_sessionmaker
 from .groupcommit import GroupCommit
 from .metrics import Metrics
+from .outbox import Due
 from .signing_key import announced_public_keys, load_signer
-
-if TYPE_CHECKING:
-    from .relay import Due
 
 log = logging.getLogger("rexec.runtime")
 

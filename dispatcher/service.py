@@ -51,7 +51,7 @@ from rexec.schemas.settings import Settings
 from . import audit, credentials, statemachine, transitions
 from .db.models import Agent, Outbox, Pool, Task, TaskTransition, Token
 from .groupcommit import GroupCommit
-from .relay import Due
+from .outbox import Due
 from .runtime import Runtime
 
 log = logging.getLogger("rexec.service")

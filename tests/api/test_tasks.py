@@ -369,7 +369,7 @@ async def test_waiting_on_ten_thousand_ids_fits_in_one_request(
 async def test_a_task_names_its_secrets_and_only_names_reach_the_wire(
     api: httpx.AsyncClient, runtime: Runtime, pool: str
 ) -> None:
-    from rexec.dispatcher.relay import task_message
+    from rexec.dispatcher.outbox import task_message
 
     response = await submit(api, pool, secrets=["db_password", "PGPASSWORD"])
     assert response.status_code == 201, response.text

@@ -17,7 +17,8 @@ from sqlalchemy import select, update
 from rexec.dispatcher import service
 from rexec.dispatcher.db.models import Outbox, Pool
 from rexec.dispatcher.direct import DirectPublisher
-from rexec.dispatcher.relay import BATCH_SIZE, Due, relay_once
+from rexec.dispatcher.outbox import Due
+from rexec.dispatcher.relay import BATCH_SIZE, relay_once
 from rexec.dispatcher.runtime import Runtime
 from rexec.schemas import messages, names, signing
 from rexec.schemas.api import SubmitTask

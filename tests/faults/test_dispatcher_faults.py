@@ -16,7 +16,7 @@ from sqlalchemy import select
 from rexec.client import RexecClient
 from rexec.dispatcher.db.engine import make_engine, make_sessionmaker
 from rexec.dispatcher.db.models import Leader, Task
-from rexec.dispatcher.relay import task_message
+from rexec.dispatcher.outbox import task_message
 from rexec.dispatcher.signing_key import load_signer
 from rexec.schemas import messages, names
 from rexec.schemas.api import SubmitTask, TaskState
