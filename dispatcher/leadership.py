@@ -1,15 +1,17 @@
 """A leader lease in the metadata database, so one dispatcher replica runs the watchdog.
 
 The lease lives where the watchdog writes: its ``epoch`` grows whenever the holder changes,
-and the watchdog checks it inside the same transaction as its writes (a fencing token), so a
-replica that paused past its lease cannot apply anything once another took over.
+and the watchdog checks it again as the last statement of each transaction that writes, holding
+the row until its commit (a fencing token), so a replica that paused past its lease cannot
+apply anything once another took over.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -59,6 +61,32 @@ class LeaderLease:
             select(Leader.epoch).where(Leader.name == self.name, Leader.holder == self.holder)
         )
         return epoch is not None and epoch == self.epoch
+
+    async def fence(self, session: AsyncSession) -> bool:
+        """Check, as the last statement before the caller commits, that no one took over;
+        if so, keep it that way until the commit.
+
+        ``still_held`` at the start of a transaction is only a snapshot: a takeover may
+        commit before the writes do. This is a guarded UPDATE of the lease row instead: it
+        waits for a takeover in progress and then sees its epoch, and once it matched it
+        holds the row, so a takeover (which locks the row) orders after this commit.
+        """
+        if self.epoch is None:
+            return False
+        touched: CursorResult[Any] = cast(
+            CursorResult[Any],
+            await session.execute(
+                update(Leader)
+                .where(
+                    Leader.name == self.name,
+                    Leader.holder == self.holder,
+                    Leader.epoch == self.epoch,
+                )
+                .values(epoch=Leader.epoch)
+                .execution_options(synchronize_session=False)
+            ),
+        )
+        return touched.rowcount == 1
 
     async def release(self) -> None:
         if self.epoch is None:

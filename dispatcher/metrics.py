@@ -56,6 +56,13 @@ class Metrics:
             ["pool"],
             registry=r,
         )
+        self.watchdog_lost_races = Counter(
+            "rexec_watchdog_lost_races",
+            "Watchdog writes dropped: the task changed since it was read (task_changed), "
+            "or another replica took the lead (deposed).",
+            ["action", "cause"],
+            registry=r,
+        )
         self.stale_events = Counter(
             "rexec_stale_events",
             "Agent events rejected by fencing, by reason.",

@@ -1,6 +1,7 @@
 """Writes a state-machine decision to the database: the task row, its history, its outbox.
 
-``plan`` decides the rows once; ``apply`` writes them through the ORM (the watchdog, cancel),
+``plan`` decides the rows once; ``apply`` writes them through the ORM (cancel),
+``apply_if_unchanged`` only if the row did not change since it was read (the watchdog),
 ``BatchWriter`` through a few Core executemany statements (the events consumer's hot path,
 where the unit of work and identity map cost more than the SQL itself).
 """
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import CursorResult, Table, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from rexec.schemas import messages
@@ -142,6 +143,50 @@ def apply(
         session.add(TaskLog(**writes.log))
     if writes.outbox is not None:
         session.add(Outbox(**writes.outbox))
+
+
+async def apply_if_unchanged(
+    session: AsyncSession,
+    task: Fenced,
+    transition: Transition,
+    now: float,
+    *,
+    error_json: str | None = None,
+) -> bool:
+    """Apply ``transition`` only if the row still holds what it was decided on; say whether.
+
+    For writers that read without a lock (the watchdog): one UPDATE guarded on the columns
+    the state machine read that can change, its row count telling whether another writer (an event applied
+    by any replica) committed first; then nothing else is written. Portable: SQLite has one
+    writer at a time, and PostgreSQL's READ COMMITTED re-checks an UPDATE's WHERE against the
+    row a concurrent writer committed while the UPDATE waited for it.
+    """
+    writes = plan(task, transition, now, error_json=error_json)
+    agent = _TASKS.c.agent_id
+    updated: CursorResult[Any] = cast(
+        CursorResult[Any],
+        await session.execute(
+            update(_TASKS)
+            .where(
+                _TASKS.c.id == task.id,
+                _TASKS.c.state == task.state,
+                _TASKS.c.attempt == task.attempt,
+                agent.is_(None) if task.agent_id is None else agent == task.agent_id,
+                _TASKS.c.cancel_requested == task.cancel_requested,
+            )
+            .values(writes.task)
+        ),
+    )
+    if updated.rowcount != 1:
+        return False
+    for model, row in (
+        (TaskTransition, writes.transition),
+        (TaskLog, writes.log),
+        (Outbox, writes.outbox),
+    ):
+        if row is not None:
+            await session.execute(insert(_table(model)), [row])
+    return True
 
 
 @dataclass(slots=True)

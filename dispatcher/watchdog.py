@@ -7,6 +7,10 @@ its data (the epoch key is missing), or is another server (its ``run_id`` change
 or a Sentinel failover that promoted a replica, which may lack the newest heartbeat writes),
 it waits one heartbeat TTL before judging anyone, so live agents have time to write their
 keys again.
+
+It reads tasks without locking them, so an agent's event (applied by any replica) may commit
+between its read and its write: every write is guarded on what was read and dropped when the
+row changed, and the leader's epoch is checked again just before each commit.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections import defaultdict
 import anyio
 from redis.exceptions import RedisError
 from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from rexec.schemas import messages, names
 from rexec.schemas.api import TaskState
@@ -38,6 +43,10 @@ CLOSE_RETRY_FOR = 12.0
 AGENT_LOST_ERROR = (
     '{"type": "AgentLost", "message": "the agent running this attempt stopped heartbeating"}'
 )
+
+
+class _Deposed(Exception):
+    """Raised inside a transaction to roll it back: another replica leads now."""
 
 
 class RedisGate:
@@ -176,24 +185,35 @@ class Watchdog:
             closed = await self.cut_off(agent.pool, agent_id)
         now = time.time()
         stopped: list[tuple[str, str, int]] = []
-        async with self.rt.sessions.begin() as session:
-            if not await self.lease.still_held(session):
-                return
-            tasks = (
-                await session.scalars(
-                    select(Task).where(Task.state == TaskState.RUNNING, Task.agent_id == agent_id)
-                )
-            ).all()
-            for task in tasks:
-                decision = statemachine.on_agent_lost(transitions.snapshot(task), agent_id)
-                if isinstance(decision, statemachine.Transition):
-                    stopped.append((task.pool, task.id, task.attempt))
-                    if decision.retry_in is not None:
-                        self.rt.metrics.requeues.labels("agent_lost").inc()
-                    transitions.apply(session, task, decision, now, error_json=AGENT_LOST_ERROR)
-            row = await session.get(Agent, agent_id)
-            if row is not None:
-                row.state = "lost"
+        requeued = 0
+        try:
+            async with self.rt.sessions.begin() as session:
+                if not await self.lease.still_held(session):
+                    return
+                tasks = (
+                    await session.scalars(
+                        select(Task).where(
+                            Task.state == TaskState.RUNNING, Task.agent_id == agent_id
+                        )
+                    )
+                ).all()
+                for task in tasks:
+                    decision = statemachine.on_agent_lost(transitions.snapshot(task), agent_id)
+                    if not isinstance(decision, statemachine.Transition):
+                        continue
+                    if await self.write(
+                        session, task, decision, now, "agent_lost", AGENT_LOST_ERROR
+                    ):
+                        stopped.append((task.pool, task.id, task.attempt))
+                        requeued += decision.retry_in is not None
+                row = await session.get(Agent, agent_id)
+                if row is not None:
+                    row.state = "lost"
+                await self.fence(session, "agent_lost")
+        except _Deposed:
+            return
+        if requeued:
+            self.rt.metrics.requeues.labels("agent_lost").inc(requeued)
         if not stopped:
             return
         log.warning(
@@ -229,26 +249,34 @@ class Watchdog:
         now = time.time()
         margin = self.rt.settings.heartbeat_ttl + 5.0
         by_agent: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
-        async with self.rt.sessions.begin() as session:
-            if not await self.lease.still_held(session):
-                return
-            candidates = await session.scalars(
-                select(Task).where(Task.state == TaskState.RUNNING, Task.timeout.is_not(None))
-            )
-            for task in candidates:
-                if (
-                    task.started_at is None
-                    or task.timeout is None
-                    or task.started_at + task.timeout + margin > now
-                ):
-                    continue
-                decision = statemachine.on_overdue(transitions.snapshot(task))
-                if isinstance(decision, statemachine.Transition):
-                    by_agent[task.agent_id or ""].append((task.pool, task.id, task.attempt))
-                    if decision.retry_in is not None:
-                        self.rt.metrics.requeues.labels("timeout_backstop").inc()
+        requeued = 0
+        try:
+            async with self.rt.sessions.begin() as session:
+                if not await self.lease.still_held(session):
+                    return
+                candidates = await session.scalars(
+                    select(Task).where(Task.state == TaskState.RUNNING, Task.timeout.is_not(None))
+                )
+                for task in candidates:
+                    if (
+                        task.started_at is None
+                        or task.timeout is None
+                        or task.started_at + task.timeout + margin > now
+                    ):
+                        continue
+                    decision = statemachine.on_overdue(transitions.snapshot(task))
+                    if not isinstance(decision, statemachine.Transition):
+                        continue
                     error = f'{{"type": "TimedOut", "message": "no result {margin:g}s past the {task.timeout:g}s timeout"}}'
-                    transitions.apply(session, task, decision, now, error_json=error)
+                    if await self.write(session, task, decision, now, "timeout_backstop", error):
+                        by_agent[task.agent_id or ""].append((task.pool, task.id, task.attempt))
+                        requeued += decision.retry_in is not None
+                if by_agent:
+                    await self.fence(session, "timeout_backstop")
+        except _Deposed:
+            return
+        if requeued:
+            self.rt.metrics.requeues.labels("timeout_backstop").inc(requeued)
         for agent_id, attempts in by_agent.items():
             await self.stop_attempts(agent_id, attempts)
         if by_agent:
@@ -258,25 +286,30 @@ class Watchdog:
         """Queued tasks past their schedule-to-start limit (also in drained pools) expire."""
         now = time.time()
         expired: list[tuple[str, str]] = []
-        async with self.rt.sessions.begin() as session:
-            if not await self.lease.still_held(session):
-                return
-            candidates = await session.scalars(
-                select(Task).where(
-                    Task.state == TaskState.QUEUED,
-                    Task.expires_at.is_not(None),
-                    Task.expires_at < now,
+        try:
+            async with self.rt.sessions.begin() as session:
+                if not await self.lease.still_held(session):
+                    return
+                candidates = await session.scalars(
+                    select(Task).where(
+                        Task.state == TaskState.QUEUED,
+                        Task.expires_at.is_not(None),
+                        Task.expires_at < now,
+                    )
                 )
-            )
-            for task in candidates:
-                decision = statemachine.on_expiry(transitions.snapshot(task))
-                if isinstance(decision, statemachine.Transition):
-                    transitions.apply(session, task, decision, now)
-                    expired.append((task.pool, task.id))
-            if expired:
-                await session.execute(
-                    delete(Outbox).where(Outbox.task_id.in_([t for _, t in expired]))
-                )
+                for task in candidates:
+                    decision = statemachine.on_expiry(transitions.snapshot(task))
+                    if not isinstance(decision, statemachine.Transition):
+                        continue
+                    if await self.write(session, task, decision, now, "expiry"):
+                        expired.append((task.pool, task.id))
+                if expired:
+                    await session.execute(
+                        delete(Outbox).where(Outbox.task_id.in_([t for _, t in expired]))
+                    )
+                    await self.fence(session, "expiry")
+        except _Deposed:
+            return
         if expired:
             # Copies already in a queue must not start: agents check this marker when claiming.
             async with self.rt.redis.pipeline(transaction=False) as pipe:
@@ -286,6 +319,49 @@ class Watchdog:
                     )
                 await pipe.execute()
             self.rt.notify_applied()
+
+    async def write(
+        self,
+        session: AsyncSession,
+        task: Task,
+        decision: statemachine.Transition,
+        now: float,
+        action: str,
+        error_json: str | None = None,
+    ) -> bool:
+        """Write ``decision`` unless the task changed since it was read; say whether it was.
+
+        The row was read without a lock: an event committed since (a success, a start) is
+        newer truth than the watchdog's judgement, so the watchdog's loses, and says so."""
+        if await transitions.apply_if_unchanged(
+            session, task, decision, now, error_json=error_json
+        ):
+            return True
+        self.rt.metrics.watchdog_lost_races.labels(action, "task_changed").inc()
+        log.info(
+            "watchdog lost the race: the task changed since it was read; left as it is",
+            extra={
+                "action": action,
+                "task_id": task.id,
+                "attempt": task.attempt,
+                "agent_id": task.agent_id,
+                "decided": decision.to.value,
+            },
+        )
+        return False
+
+    async def fence(self, session: AsyncSession, action: str) -> None:
+        """Roll the transaction back (raise ``_Deposed``) unless this replica still leads."""
+        if await self.lease.fence(session):
+            return
+        self.rt.metrics.watchdog_lost_races.labels(action, "deposed").inc()
+        log.warning(
+            "watchdog deposed: another replica took the lead; this transaction's writes "
+            "are rolled back",
+            extra={"action": action, "replica": self.replica, "epoch": self.lease.epoch},
+        )
+        self.lease.epoch = None
+        raise _Deposed
 
     async def stop_attempts(self, agent_id: str, attempts: list[tuple[str, str, int]]) -> None:
         """Fence the old attempts: tombstone their leases and tell the agent to kill them.
