@@ -8,12 +8,14 @@ OpenAPI document (``/schema/openapi.json``) from them. Every error is an ``Error
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any
 
 from litestar import Litestar, Request, Response, Router, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import (
+    ClientException,
     HTTPException,
     SerializationException,
     ValidationException,
@@ -29,12 +31,14 @@ from litestar.status_codes import (
     HTTP_404_NOT_FOUND,
     HTTP_409_CONFLICT,
     HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+    HTTP_415_UNSUPPORTED_MEDIA_TYPE,
     HTTP_422_UNPROCESSABLE_ENTITY,
     HTTP_429_TOO_MANY_REQUESTS,
     HTTP_500_INTERNAL_SERVER_ERROR,
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy.exc import DBAPIError
 
 from rexec.schemas import tracing
 from rexec.schemas.api import (
@@ -66,6 +70,7 @@ from rexec.schemas.api import (
 )
 
 from . import apikeys, audit, auth, gauges, logaccess, service
+from .nesting import MAX_BODY_DEPTH, text_deeper_than
 from .ratelimit import RateLimited, SubmitLimiter
 from .runtime import Runtime
 
@@ -88,12 +93,49 @@ ERROR_STATUS: dict[type[service.ServiceError], int] = {
 }
 
 _ERRORS = {
+    400: ResponseSpec(
+        ErrorBody, description="The body is not JSON, nested too deeply or malformed"
+    ),
     401: ResponseSpec(ErrorBody, description="No API key, or an unknown, revoked or expired one"),
     403: ResponseSpec(ErrorBody, description="The API key's role is not enough"),
     404: ResponseSpec(ErrorBody, description="Something named in the request does not exist"),
     409: ResponseSpec(ErrorBody, description="The request conflicts with the current state"),
-    422: ResponseSpec(ErrorBody, description="A value is unacceptable"),
+    415: ResponseSpec(ErrorBody, description="The body is not declared application/json"),
+    422: ResponseSpec(ErrorBody, description="A value is unacceptable (out of range, for one)"),
 }
+
+
+# --- request bodies ---------------------------------------------------------------------------
+
+
+class JsonRequest(Request[Any, Any, Any]):
+    """A request whose JSON body is checked before it is decoded.
+
+    Every route with a body decodes it through ``json()``: a body declared as anything but
+    JSON is refused (415) rather than taken for JSON, and a body nested deeper than
+    ``MAX_BODY_DEPTH`` is refused (400) before its decoding recurses into a RecursionError."""
+
+    async def json(self) -> Any:
+        media_type = self.content_type[0]
+        if media_type and not _is_json(media_type):
+            raise ClientException(
+                f"the request body is declared {media_type!r}: this endpoint takes JSON; "
+                "send it with 'Content-Type: application/json'",
+                status_code=HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            )
+        if text_deeper_than(await self.body(), MAX_BODY_DEPTH):
+            raise ClientException(
+                f"the request body is nested more than {MAX_BODY_DEPTH} levels deep (arrays "
+                "and objects): flatten it, or pass a reference (a URL or object key) to the data"
+            )
+        return await super().json()
+
+
+def _is_json(media_type: str) -> bool:
+    """``application/json`` or a JSON-based type (``application/<something>+json``)."""
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
 
 
 # --- handlers (registered in create_app, which knows the body size limits) --------------------
@@ -379,27 +421,67 @@ def _on_service_error(_: Request[Any, Any, Any], exc: service.ServiceError) -> R
     return response
 
 
-def _validation_message(exc: ValidationException) -> str:
+_CONSTRAINT = re.compile(
+    r"^Expected `(?P<type>[^`]+)` (?P<length>of length )?(?P<op>>=|>|<=|<) (?P<bound>\S+)$"
+)
+"""A msgspec constraint that failed (``Expected `int` <= 100``), not a wrong type or field."""
+_RULES = {">=": "at least", ">": "more than", "<=": "at most", "<": "less than"}
+_UNITS = {"str": "characters long", "array": "items", "object": "entries"}
+
+
+def _out_of_range(key: str, message: str) -> str | None:
+    """``max_attempts must be at most 100`` for a failed constraint, else None."""
+    match = _CONSTRAINT.match(message)
+    if match is None:
+        return None
+    bound = re.sub(r"\.0$", "", match["bound"])
+    if match["length"]:
+        rule = f"{_RULES[match['op']]} {bound} {_UNITS.get(match['type'], 'long')}"
+    elif match["op"] == ">" and bound == "0":
+        rule = "positive"
+    else:
+        rule = f"{_RULES[match['op']]} {bound}"
+    return f"{key or 'the body'} must be {rule}"
+
+
+def _validation_error(exc: ValidationException) -> tuple[int, str]:
+    """The status and message of a request that did not validate: 422 when every problem is
+    a body value out of range (well-formed, but unacceptable), else 400."""
     problems = []
+    all_out_of_range = True
     if isinstance(exc.extra, list):
         for item in exc.extra:
             if isinstance(item, dict) and item.get("message"):
-                key = item.get("key")
+                key = str(item.get("key") or "")
                 source = str(getattr(item.get("source"), "value", item.get("source")))
                 text = str(item["message"])
-                if source == "body" and key and key != "data":
+                bounded = _out_of_range(key, text) if source == "body" else None
+                all_out_of_range = all_out_of_range and bounded is not None
+                if bounded is not None:
+                    text = bounded
+                elif source == "body" and key and key != "data":
                     text = f"{text} at field {key!r}"
                 elif source != "body" and key:
                     text = f"{text} in {source} parameter {key!r}"
                 problems.append(text)
     if not problems:
-        return f"invalid request: {exc.detail}"
-    return "invalid request: " + "; ".join(problems)
+        return exc.status_code, f"invalid request: {exc.detail}"
+    status = HTTP_422_UNPROCESSABLE_ENTITY if all_out_of_range else exc.status_code
+    return status, "invalid request: " + "; ".join(problems)
 
 
 def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+    """The ``ErrorBody`` of an HTTP error, keeping the headers it carries (405's ``Allow``)."""
+    response = _http_error(request, exc)
+    for name, value in (exc.headers or {}).items():
+        if name not in response.headers:
+            response.headers[name] = value
+    return response
+
+
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
     if isinstance(exc, ValidationException):
-        return _error(exc.status_code, _validation_message(exc))
+        return _error(*_validation_error(exc))
     if isinstance(exc.__cause__, SerializationException):
         return _error(exc.status_code, f"the request body is not valid JSON: {exc.detail}")
     if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
@@ -423,6 +505,30 @@ def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
     if exc.status_code == HTTP_401_UNAUTHORIZED:
         response.headers["WWW-Authenticate"] = 'Bearer realm="rexec"'
     return response
+
+
+_DATA_PROBLEMS = {
+    "22021": "text may not contain NUL (\\u0000) characters: remove them",
+    "22001": "a text is longer than its field allows: shorten it",
+    "22003": "a number is out of range: see the bounds in /schema/openapi.json",
+}
+"""PostgreSQL's data exceptions (SQLSTATE class 22) that a value of the request caused."""
+
+
+def _on_database_error(request: Request[Any, Any, Any], exc: DBAPIError) -> Response[ErrorBody]:
+    """A value the database refused to store or compare (PostgreSQL: a NUL in a text, a text
+    too long for its column): the request's fault, so a 422 that says which rule it broke."""
+    code = getattr(exc.orig, "sqlstate", None)
+    if not (isinstance(code, str) and code.startswith("22")):
+        return _on_internal_error(request, exc)
+    problem = _DATA_PROBLEMS.get(code) or str(exc.orig).rsplit(": ", 1)[-1]
+    log.info(
+        "the database refused a value of the request",
+        extra={"method": request.method, "path": request.url.path, "sqlstate": code},
+    )
+    return _error(
+        HTTP_422_UNPROCESSABLE_ENTITY, f"a value of the request cannot be stored: {problem}"
+    )
 
 
 def _on_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
@@ -576,8 +682,10 @@ def create_app(runtime: Runtime) -> Litestar:
         exception_handlers={
             service.ServiceError: _on_service_error,
             HTTPException: _on_http_error,
+            DBAPIError: _on_database_error,
             Exception: _on_internal_error,
         },
+        request_class=JsonRequest,
         request_max_body_size=task_body,
         state=State({"authenticator": auth.Authenticator(runtime)}),
         openapi_config=OpenAPIConfig(

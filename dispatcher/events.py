@@ -3,6 +3,13 @@
 Deliveries are taken in batches: one transaction and one (multiple) ack per batch. An event
 is acked only after its effect is committed, so a crash replays it; replays are harmless
 because the state machine rejects duplicates and events of other attempts.
+
+No message can stop the consumer. One that cannot be decoded, or that reports for another
+agent, is dead-lettered with the reason. One whose handling raises (a bug, or a value the
+database refuses) fails its batch; the batch is then applied message by message, and the one
+that raises again is dead-lettered with the error (``rexec_event_failures``), logged once, and
+acked: a restarted dispatcher does not meet it again. A broker or database outage is not the
+message's fault: it ends the consumer's channel as before, and every message is redelivered.
 """
 
 from __future__ import annotations
@@ -19,19 +26,26 @@ import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from opentelemetry.trace import SpanKind
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from rexec.schemas import messages, names, tracing
-from rexec.schemas.api import TaskState
+from rexec.schemas.amqp import connection_up
+from rexec.schemas.api import MAX_NESTING, TaskState
 
 from . import credentials, statemachine, transitions
 from .db.models import Agent
+from .nesting import nested_deeper_than
 from .runtime import BROKER_ERRORS, Runtime
 
 log = logging.getLogger("rexec.events")
 
 PREFETCH = 2000
 MAX_BATCH = 1000
+
+REASON_LIMIT = 1000
+"""Characters of an error kept in a dead-lettered message's reason header."""
 
 _json = msgspec.json.Encoder()
 
@@ -88,23 +102,82 @@ async def _discard(channel: AbstractChannel) -> None:
 async def handle_batch(
     rt: Runtime, channel: AbstractChannel, deliveries: Sequence[AbstractIncomingMessage]
 ) -> None:
+    """Apply the deliveries' events; none of them can make this raise, only an outage can.
+
+    Malformed and misattributed messages are dead-lettered with the reason. When applying
+    the rest raises, they are applied one by one, and each that raises alone is dead-lettered
+    with its error (``settled`` keeps a message from being dead-lettered twice)."""
     decoded: list[tuple[AbstractIncomingMessage, messages.EventBatch]] = []
     for delivery in deliveries:
         try:
             decoded.append((delivery, messages.decode_events(delivery.body)))
         except messages.MessageError as exc:
             await dead_letter(rt, channel, delivery, str(exc))
+    settled: set[int] = set()
+    try:
+        await _apply_deliveries(rt, channel, decoded, settled)
+    except Exception as exc:
+        if outage(rt, channel, exc):
+            raise
+        if len(decoded) == 1:
+            await _poisoned(rt, channel, decoded[0][0], exc)
+            return
+        log.debug("an events batch failed: applying its messages one by one", exc_info=exc)
+        for one in decoded:
+            if id(one[0]) in settled:
+                continue
+            try:
+                await _apply_deliveries(rt, channel, [one], settled)
+            except Exception as alone:
+                if outage(rt, channel, alone):
+                    raise
+                await _poisoned(rt, channel, one[0], alone)
+
+
+async def _apply_deliveries(
+    rt: Runtime,
+    channel: AbstractChannel,
+    decoded: Sequence[tuple[AbstractIncomingMessage, messages.EventBatch]],
+    settled: set[int],
+) -> None:
     users = await _broker_users(rt, {e.agent_id for _, b in decoded for e in b.events})
     events: list[messages.Event] = []
     for delivery, batch in decoded:
+        if id(delivery) in settled:
+            continue
         forged = misattributed(delivery.user_id, batch.events, users)
         if forged is not None:
             rt.metrics.stale_events.labels("forged").inc(len(batch.events))
             await dead_letter(rt, channel, delivery, forged)
+            settled.add(id(delivery))
             continue
         events.extend(batch.events)
     if events:
         await apply_events(rt, events)
+
+
+def outage(rt: Runtime, channel: AbstractChannel, exc: Exception) -> bool:
+    """Whether ``exc`` says the broker or the database is away (every message would fail
+    alike, and succeed later), rather than that the message at hand cannot be handled."""
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, RecursionError):
+        return False
+    if isinstance(exc, RuntimeError):  # aiormq's "... closed", or a bug: ask the broker
+        return channel.is_closed or not connection_up(rt.connection)
+    return isinstance(exc, BROKER_ERRORS)
+
+
+async def _poisoned(
+    rt: Runtime, channel: AbstractChannel, delivery: AbstractIncomingMessage, exc: Exception
+) -> None:
+    """Dead-letter a message whose handling raised, with the error, and count it."""
+    error = type(exc).__name__
+    rt.metrics.event_failures.labels(error).inc()
+    reason = f"handling the events failed: {error}: {exc}"
+    await dead_letter(rt, channel, delivery, reason[:REASON_LIMIT], exc)
 
 
 async def _broker_users(rt: Runtime, agent_ids: set[str]) -> dict[str, str | None]:
@@ -151,9 +224,15 @@ def misattributed(
 
 
 async def dead_letter(
-    rt: Runtime, channel: AbstractChannel, delivery: AbstractIncomingMessage, reason: str
+    rt: Runtime,
+    channel: AbstractChannel,
+    delivery: AbstractIncomingMessage,
+    reason: str,
+    exc: BaseException | None = None,
 ) -> None:
-    log.error("dead-lettering a bad event message", extra={"reason": reason})
+    """Publish the message to ``rexec.dead.events`` with the reason in a header (an
+    operator can read it there, and send it back to ``rexec.events`` once it can apply)."""
+    log.error("dead-lettering a bad event message", exc_info=exc, extra={"reason": reason})
     dead = await channel.get_exchange(names.DEAD_EXCHANGE)
     headers = dict(delivery.headers or {})
     headers[names.REASON_HEADER] = reason
@@ -188,6 +267,7 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
                     offline.append(event.agent_id)
                 await _agent_seen(session, event)
                 continue
+            event = admissible(event)
             decision = _decide(rt, rows.get(event.task_id), event, stop)
             if decision is None:
                 continue
@@ -211,6 +291,41 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
         await rt.publish_control(agent_id, control)
     if offline:
         await credentials.withdraw(rt, offline, "the agent went offline")
+
+
+def admissible(event: messages.TaskEvent) -> messages.TaskEvent:
+    """The event as the metadata database can keep it and the API can show it again.
+
+    A result nested deeper than ``MAX_NESTING`` fails the attempt as ``ResultTooDeep`` (not
+    retried, like the agent's ``ResultTooLarge``): stored, it would break every read of the
+    task. A NUL in the log tail (a command's binary output) or a reason, which PostgreSQL
+    cannot store in text, is shown as U+FFFD."""
+    if isinstance(event, messages.Succeeded) and nested_deeper_than(event.result, MAX_NESTING):
+        event = messages.Failed(
+            task_id=event.task_id,
+            attempt=event.attempt,
+            agent_id=event.agent_id,
+            at=event.at,
+            log_tail=event.log_tail,
+            log_ref=event.log_ref,
+            error_type="ResultTooDeep",
+            message=f"the result nests more than {MAX_NESTING} levels of arrays and objects: "
+            "return a flatter value, or store the result elsewhere and return a reference",
+            retryable=False,
+        )
+    if isinstance(event, messages.LOGGED_EVENTS) and (
+        "\x00" in event.log_tail or "\x00" in event.log_ref
+    ):
+        event = msgspec.structs.replace(
+            event, log_tail=_no_nul(event.log_tail), log_ref=_no_nul(event.log_ref)
+        )
+    if isinstance(event, messages.Returned) and "\x00" in event.reason:
+        event = msgspec.structs.replace(event, reason=_no_nul(event.reason))
+    return event
+
+
+def _no_nul(text: str) -> str:
+    return text.replace("\x00", "\ufffd")
 
 
 async def _agent_seen(

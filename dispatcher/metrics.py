@@ -75,3 +75,10 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.event_failures = Counter(
+            "rexec_event_failures",
+            "Event messages whose handling raised: dead-lettered to rexec.dead.events with "
+            "the reason, and the consumer went on; by error type.",
+            ["error"],
+            registry=r,
+        )

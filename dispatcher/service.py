@@ -31,6 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from rexec.schemas import messages, tracing
 from rexec.schemas.amqp import connection_up
 from rexec.schemas.api import (
+    MAX_NESTING,
+    MIN_RETRY_BACKOFF,
     TERMINAL_STATES,
     AgentRegister,
     AgentRegistered,
@@ -48,11 +50,12 @@ from rexec.schemas.api import (
 from rexec.schemas.names import validate_pool_name, validate_secret_names
 from rexec.schemas.settings import Settings
 
-from . import audit, credentials, statemachine, transitions
+from . import audit, credentials, statemachine, topology, transitions
 from .db.models import Agent, Outbox, Pool, Task, TaskTransition, Token
 from .groupcommit import GroupCommit
+from .nesting import MAX_BODY_DEPTH, nested_deeper_than, text_deeper_than
 from .outbox import Due
-from .runtime import Runtime
+from .runtime import BROKER_ERRORS, Runtime
 
 log = logging.getLogger("rexec.service")
 
@@ -118,19 +121,34 @@ def _json_text(value: Any) -> str:
 
 
 def _decode_json(raw: str | None) -> Any:
-    return None if raw is None else _decoder.decode(raw)
+    return None if raw is None else _stored(raw)
+
+
+UNSHOWN = f"(not shown: nested more than {MAX_BODY_DEPTH} levels deep)"
+"""Shown for a stored value too deep to decode and send (a row written before submissions
+and results were bounded): the rest of the task still reads."""
+
+
+def _stored(raw: str) -> Any:
+    """A JSON column's value, or ``UNSHOWN`` when it nests too deeply to decode and encode
+    again without a RecursionError (which would break every read that includes the row)."""
+    if text_deeper_than(raw, MAX_BODY_DEPTH):
+        return UNSHOWN
+    return _decoder.decode(raw)
 
 
 def task_view(task: Task) -> TaskView:
     error = _decode_json(task.error_json)
+    args = _stored(task.args_json)
+    kwargs = _stored(task.kwargs_json)
     return TaskView(
         id=task.id,
         pool=task.pool,
         kind=task.kind,
         target=task.target,
         argv=_decoder.decode(task.argv_json),
-        args=_decoder.decode(task.args_json),
-        kwargs=_decoder.decode(task.kwargs_json),
+        args=args if isinstance(args, list) else [args],
+        kwargs=kwargs if isinstance(kwargs, dict) else {"unshown": kwargs},
         secrets=_decoder.decode(task.secrets_json or "[]"),
         state=TaskState(task.state),
         attempt=task.attempt,
@@ -204,12 +222,25 @@ def _task_row(body: SubmitTask, settings: Settings, now: float) -> dict[str, Any
         command = body.command or []
         if not command or not command[0]:
             raise Invalid("'command' must be a non-empty list of strings (the argv to run)")
+        for index, arg in enumerate(command):
+            if "\x00" in arg:
+                raise Invalid(
+                    f"command[{index}] contains a NUL byte (\\u0000), which no program can be "
+                    "given in its argv: remove it (pass binary data in a file, or encoded)"
+                )
         if body.args or body.kwargs:
             raise Invalid(
                 "'args' and 'kwargs' apply to function targets only; put a command's "
                 "arguments in 'command'"
             )
         kind, target, argv = "command", command[0], _json_text(command)
+    for name, value in (("args", body.args), ("kwargs", body.kwargs)):
+        if nested_deeper_than(value, MAX_NESTING):
+            raise Invalid(
+                f"{name} are nested more than {MAX_NESTING} levels deep (of lists and objects, "
+                f"'{name}' itself included): flatten them, or pass a reference (a URL or "
+                "object key) to the data"
+            )
     args = _json_text(body.args)
     kwargs = _json_text(body.kwargs)
     size = len(args) + len(kwargs) + (len(argv) if kind == "command" else 0)
@@ -227,11 +258,21 @@ def _task_row(body: SubmitTask, settings: Settings, now: float) -> dict[str, Any
     backoff = settings.default_retry_backoff if body.retry_backoff is None else body.retry_backoff
     if not backoff >= 0:
         raise Invalid(f"retry_backoff must be zero or more seconds, got {backoff}")
+    if body.retry_backoff is not None and 0 < backoff < MIN_RETRY_BACKOFF:
+        raise Invalid(
+            f"retry_backoff must be 0 (retry at once) or at least {MIN_RETRY_BACKOFF} seconds, "
+            f"got {backoff}"
+        )
     if body.expires_in is not None and not body.expires_in > 0:
         raise Invalid(f"expires_in must be a positive number of seconds, got {body.expires_in}")
     key = body.idempotency_key
     if key is not None and not 0 < len(key) <= IDEMPOTENCY_KEY_MAX:
         raise Invalid(f"idempotency_key must be 1 to {IDEMPOTENCY_KEY_MAX} characters long")
+    # Checked here, not left to the database: concurrent submits share one transaction, and
+    # PostgreSQL's refusal of a NUL would fail all of them.
+    for field_name, text_value in (("pool", body.pool), ("idempotency_key", key or "")):
+        if "\x00" in text_value:
+            raise Invalid(f"{field_name} contains a NUL byte (\\u0000): remove it")
     try:
         validate_secret_names(body.secrets)
     except ValueError as exc:
@@ -675,8 +716,6 @@ async def create_pool(rt: Runtime, body: PoolCreate) -> PoolView:
     async with rt.sessions() as session:
         if await session.get(Pool, body.name) is not None:
             raise Conflict(f"pool {body.name!r} already exists")
-    # Topology first: a pool row whose queue is missing would strand its tasks.
-    await rt.declare_pool(body.name)
     pool = Pool(
         name=body.name,
         description=body.description,
@@ -684,13 +723,31 @@ async def create_pool(rt: Runtime, body: PoolCreate) -> PoolView:
         created_at=time.time(),
         max_running=body.max_running,
     )
+    # Topology first (a pool row whose queue is missing would strand its tasks), and undone
+    # when the row cannot be written: a failed create leaves nothing behind in the broker.
+    existed = await topology.pool_declared(rt.connection, body.name)
     try:
+        await rt.declare_pool(body.name)
         async with rt.sessions.begin() as session:
             session.add(pool)
-    except IntegrityError:
+    except IntegrityError:  # another request created it meanwhile: the queues are its own
         raise Conflict(f"pool {body.name!r} already exists") from None
+    except Exception:
+        if not existed:
+            await _undeclare_pool(rt, body.name)
+        raise
     log.info("pool created", extra={"pool": body.name})
     return _pool_view(pool)
+
+
+async def _undeclare_pool(rt: Runtime, name: str) -> None:
+    try:
+        await topology.undeclare_pool(rt.connection, name)
+    except BROKER_ERRORS as exc:
+        log.warning(
+            "could not delete the queues of a pool whose creation failed",
+            extra={"pool": name, "error": repr(exc)},
+        )
 
 
 async def list_pools(rt: Runtime) -> list[PoolView]:

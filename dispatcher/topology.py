@@ -8,11 +8,16 @@ queues) would fail on every other node of the cluster too.
 
 from __future__ import annotations
 
+import logging
+
 import aio_pika
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.exceptions import ChannelClosed
 from pamqp.common import FieldTable
 
 from rexec.schemas import names
+
+log = logging.getLogger("rexec.topology")
 
 AGENT_QUEUE_EXPIRES_MS = 3_600_000
 """An agent's control queue disappears an hour after its agent stopped consuming it."""
@@ -60,6 +65,49 @@ async def declare_pool(channel: AbstractChannel, pool: str, delivery_limit: int)
     await queue.bind(tasks, routing_key=pool)
     dead_queue = await channel.declare_queue(names.dead_queue(pool), durable=True, arguments=QUORUM)
     await dead_queue.bind(dead, routing_key=pool)
+
+
+def _pool_queues(pool: str) -> tuple[str, str]:
+    return names.pool_queue(pool), names.dead_queue(pool)
+
+
+async def pool_declared(connection: AbstractConnection, pool: str) -> bool:
+    """Whether the pool's queue exists already (a passive declare, on a channel of its own:
+    the broker closes the channel that asks for a missing queue)."""
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(names.pool_queue(pool), passive=True)
+        return True
+    except ChannelClosed:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def undeclare_pool(connection: AbstractConnection, pool: str) -> None:
+    """Delete what ``declare_pool`` made, for a pool whose creation failed after it: its
+    queues (with their bindings), each only if empty, so no message is ever lost.
+
+    Quorum queues refuse ``if-empty`` deletes (by closing the connection), so each queue is
+    counted first; nothing publishes to a pool that has no row meanwhile."""
+    for queue in _pool_queues(pool):
+        channel = await connection.channel()  # a missing queue closes its channel
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            count = declared.declaration_result.message_count
+            if count:
+                log.warning(
+                    "kept a queue of a pool whose creation failed: it holds messages",
+                    extra={"pool": pool, "queue": queue, "messages": count},
+                )
+                continue
+            await channel.queue_delete(queue)
+        except ChannelClosed:
+            pass  # not there: nothing to undo
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
 
 async def declare_agent_queue(channel: AbstractChannel, agent_id: str) -> None:

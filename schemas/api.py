@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import enum
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 API_PREFIX = "/v1"
+
+# Bounds of what a request may ask. They are msgspec constraints, so the decoder refuses a value
+# out of range before any handler sees it, and the OpenAPI document shows each one.
+MAX_ATTEMPTS = 100
+"""Attempts one task may have in all: enough for any retry policy, few enough to end."""
+MAX_RETRY_BACKOFF = 86_400.0
+"""Longest base backoff between attempts (seconds): a day."""
+MIN_RETRY_BACKOFF = 0.001
+"""Shortest non-zero base backoff (seconds); 0 retries at once."""
+MIN_TIMEOUT = 0.001
+"""Shortest execution timeout, and shortest ``expires_in`` (seconds)."""
+MAX_TIMEOUT = 7 * 86_400.0
+"""Longest execution timeout of one attempt (seconds): a week."""
+MAX_EXPIRES_IN = 30 * 86_400.0
+"""Longest a task may wait in its queue before it expires unstarted (seconds): 30 days."""
+MAX_NESTING = 32
+"""Deepest nesting of arrays and objects in a task's ``args`` and ``kwargs`` (the list or
+object itself is one level) and in a result; deeper values are refused, since every plane
+that decodes them pays for the depth."""
+MAX_RUNNING = 1_000_000
+"""Largest ``max_running`` of a pool (a limit above every real pool's size is no limit)."""
+INT32_MAX = 2**31 - 1
+"""The largest integer the metadata database's integer columns hold."""
+
+Attempts = Annotated[int, msgspec.Meta(ge=1, le=MAX_ATTEMPTS)]
+Backoff = Annotated[float, msgspec.Meta(ge=0, le=MAX_RETRY_BACKOFF)]
+Timeout = Annotated[float, msgspec.Meta(ge=MIN_TIMEOUT, le=MAX_TIMEOUT)]
+ExpiresIn = Annotated[float, msgspec.Meta(ge=MIN_TIMEOUT, le=MAX_EXPIRES_IN)]
+RunningLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_RUNNING)]
 
 
 class TaskState(enum.StrEnum):
@@ -45,12 +74,15 @@ class SubmitTask(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_
     command: list[str] | None = None
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
-    timeout: float | None = None
-    max_attempts: int | None = None
-    retry_backoff: float | None = None
-    """Base seconds of exponential backoff between attempts (with jitter)."""
-    expires_in: float | None = None
-    """Seconds the task may wait in the queue before it expires unstarted."""
+    timeout: Timeout | None = None
+    """Seconds an attempt may run before its agent kills it (0.001 to a week)."""
+    max_attempts: Attempts | None = None
+    """Attempts in all, the first included (1 to 100)."""
+    retry_backoff: Backoff | None = None
+    """Base seconds of exponential backoff between attempts (with jitter): 0 (retry at once),
+    or 0.001 to a day."""
+    expires_in: ExpiresIn | None = None
+    """Seconds the task may wait in the queue before it expires unstarted (0.001 to 30 days)."""
     idempotency_key: str | None = None
     secrets: list[str] = []
     """Names of secrets the agent resolves from its own backend (values never reach us)."""
@@ -117,12 +149,12 @@ class TaskHistoryEntry(msgspec.Struct, kw_only=True):
 class PoolCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str
     description: str = ""
-    max_running: int | None = None
+    max_running: RunningLimit | None = None
     """At most this many of the pool's tasks running or sent to agents at once; None: no limit."""
 
 
 class PoolUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    max_running: int | None
+    max_running: RunningLimit | None
     """The new limit of running (and sent, not yet started) tasks; null removes the limit."""
 
 
@@ -153,12 +185,12 @@ class AgentView(msgspec.Struct, kw_only=True):
 
 class AgentRegister(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     pool: str
-    hostname: str
-    pid: int
-    concurrency: int
-    version: int
+    hostname: Annotated[str, msgspec.Meta(max_length=255)]
+    pid: Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+    version: Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
     """The wire protocol's major version the agent speaks."""
-    protocol_minor: int = 0
+    protocol_minor: Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)] = 0
     """Its minor version: the dispatcher accepts agents up to one minor version behind."""
     allow: list[str] = []
     log_url: str = ""
@@ -207,7 +239,7 @@ class LogGrant(msgspec.Struct, kw_only=True):
 
 class TokenCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pool: str
-    name: str = ""
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
     expires_in: float | None = None
 
 
