@@ -36,6 +36,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     management_url: str = "http://guest:guest@127.0.0.1:15672"
     """RabbitMQ's management API: the watchdog closes a dead agent's connection through it
     so its unacked deliveries return at once. Empty disables it."""
+    kill_grace: float = 5.0
+    """Seconds a stopped attempt's processes (timeout, cancel, lease lost, drain, or the
+    agent's own death) have between SIGTERM and SIGKILL."""
     max_payload_bytes: int = 256 * 1024
     max_result_bytes: int = 256 * 1024
     tasks_per_message: int = 16
@@ -155,6 +158,11 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         raise ValueError(
             f"invalid rexec setting: REXEC_OUTBOX_LEASE={settings.outbox_lease}; "
             "use 0 (the relay publishes everything) to 3600 seconds"
+        )
+    if not 0 <= settings.kill_grace <= 3600:
+        raise ValueError(
+            f"invalid rexec setting: REXEC_KILL_GRACE={settings.kill_grace}; "
+            "use 0 (SIGKILL at once) to 3600 seconds"
         )
     check_redis_url(settings.redis_url)  # a RedisURLError (a ValueError) names what is wrong
     return settings

@@ -352,6 +352,7 @@ class Agent:
                 masker=self.masker,
                 hidden_env=self.hidden_env,
                 preload=preload_modules(self.allow),
+                grace=self.settings.kill_grace,
             ) as children:
                 handler = TaskHandler(
                     agent_id=self.agent_id,

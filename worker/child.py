@@ -1,9 +1,12 @@
 """A persistent child process that runs function tasks for the agent (``python -m rexec.worker.child``).
 
 The agent keeps a few of these alive and sends them one call at a time over stdin/stdout, so
-a task costs a pipe round trip rather than a Python start-up. The agent kills a child to stop
-a task (timeout, cancel, lease lost) and starts a fresh one. The real stdout is kept private
-for frames. While a call runs, the task's stdout, stderr (file descriptors 1 and 2, so the
+a task costs a pipe round trip rather than a Python start-up. Command tasks run here too, for
+the same reason. The agent stops a child (SIGTERM) to stop a task (timeout, cancel, lease
+lost) and starts a fresh one. A child is a subreaper that also hears its agent die: on either
+it stops everything below it, whatever session or parent it moved to (SIGTERM, a grace, then
+SIGKILL), and exits; after each call it does the same to what the call left behind. The real
+stdout is kept private for frames. While a call runs, the task's stdout, stderr (file descriptors 1 and 2, so the
 output of subprocesses it starts too) and its ``logging`` records are captured and sent to the
 agent as ``Output`` frames ahead of the call's ``Outcome``; between calls they go to the
 agent's stderr as before.
@@ -15,13 +18,13 @@ import argparse
 import asyncio
 import codecs
 import contextlib
-import ctypes
 import importlib
 import inspect
 import logging
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import traceback
@@ -30,9 +33,8 @@ from typing import Any
 
 import msgspec
 
-from . import context, protocol
-
-PR_SET_PDEATHSIG = 1
+from . import context, protocol, reaper
+from .command import start_failure
 
 _json = msgspec.json.Encoder()
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
@@ -88,6 +90,8 @@ class Runner:
                 )
 
     def run(self, call: protocol.Call) -> protocol.Outcome:
+        if call.argv:
+            return run_command(call)
         context._bind(call.secrets)
         try:
             return self._run(call)
@@ -147,15 +151,68 @@ def _exception_outcome(exc: BaseException) -> protocol.Outcome:
     return protocol.failure(type(exc).__name__, str(exc), text, retryable=True)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: get SIGKILL when the agent dies, so a killed agent leaves no task running."""
+def run_command(call: protocol.Call) -> protocol.Outcome:
+    """Run a command task with our fds 1 and 2 (captured as its ``stdout`` and ``stderr``).
+
+    The result is the bare exit code; the agent, which has the output, builds the outcome."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if parent and os.getppid() != parent:
-        os._exit(0)
+        # A session of its own, as before: a script's ``kill 0`` must not reach this child.
+        process = subprocess.Popen(
+            call.argv, stdin=subprocess.DEVNULL, env=call.env, start_new_session=True
+        )
+    except (OSError, ValueError) as exc:
+        return start_failure(call.argv, exc)
+    return protocol.success(_json.encode(process.wait()))
+
+
+class Guard:
+    """Stops everything below this child, then exits, when the agent dies or asks (SIGTERM).
+
+    A SIGKILLed agent can clean up nothing, so the child must: ``PR_SET_PDEATHSIG`` (SIGTERM)
+    tells it, and a check of the parent every ``POLL`` seconds backs that up in case a task
+    changed the signal's handling. A thread does the work, so a task busy in the main thread
+    does not delay it; the SIGTERM reaches that thread through the signal wakeup fd.
+    """
+
+    POLL = 0.5
+
+    def __init__(self, parent: int, grace: float) -> None:
+        self.parent = parent
+        self.grace = grace
+
+    def install(self) -> None:
+        reaper.become_subreaper()
+        reaper.set_parent_death_signal(signal.SIGTERM)
+        # After the prctl, not before: the agent may have died already, and then no signal comes.
+        if self.parent and os.getppid() != self.parent:
+            self.stop()
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        signal.set_wakeup_fd(write_end)
+        os.register_at_fork(after_in_child=_forget_guard)
+        threading.Thread(
+            target=self._watch, args=(read_end,), name="rexec-guard", daemon=True
+        ).start()
+
+    def _watch(self, wakeup: int) -> None:
+        while True:
+            ready, _, _ = select.select([wakeup], [], [], self.POLL)
+            if ready and signal.SIGTERM in os.read(wakeup, 512):
+                self.stop()
+            if self.parent and os.getppid() != self.parent:
+                self.stop()
+
+    def stop(self) -> None:
+        reaper.terminate_descendants(self.grace)
+        os._exit(128 + signal.SIGTERM)
+
+
+def _forget_guard() -> None:
+    """A task's forked process must not wake the guard: its SIGTERM is its own."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _private_pipes() -> tuple[int, int]:
@@ -292,7 +349,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def serve(frames_in: int, capture: Capture, runner: Runner) -> None:
+def serve(frames_in: int, capture: Capture, runner: Runner, grace: float) -> None:
     while True:
         header = _read_exactly(frames_in, protocol.HEADER_BYTES)
         if header is None:
@@ -307,6 +364,7 @@ def serve(frames_in: int, capture: Capture, runner: Runner) -> None:
         else:
             capture.begin()
             outcome = runner.run(call)
+            reaper.terminate_descendants(grace)  # what the call left running ends with it
             capture.sync()
         capture.send_outcome(outcome)
 
@@ -316,13 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-result-bytes", type=int, default=256 * 1024)
     parser.add_argument("--parent", type=int, default=0)
     parser.add_argument("--preload", action="append", default=[], metavar="MODULE")
+    parser.add_argument("--grace", type=float, default=reaper.DEFAULT_GRACE)
     options = parser.parse_args(argv)
-    _die_with_parent(options.parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Guard(options.parent, options.grace).install()
+    # Not SIG_IGN: an ignored signal stays ignored across exec, in every command run here.
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
     frames_in, frames_out = _private_pipes()
     runner = Runner(options.max_result_bytes)
     runner.preload(options.preload)
-    serve(frames_in, Capture(frames_out), runner)
+    serve(frames_in, Capture(frames_out), runner, options.grace)
     return 0
 
 

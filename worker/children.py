@@ -1,8 +1,11 @@
 """A fixed pool of persistent child processes that run function tasks.
 
-Starting Python costs tens of milliseconds, so children live across tasks. A child that is
-interrupted mid-call (timeout, cancel, lease lost, shutdown) or that dies is killed with its
-whole process group and replaced in the background, so the pool always returns to full size.
+Starting Python costs tens of milliseconds, so children live across tasks (command tasks run
+in them too). A child that is interrupted mid-call (timeout, cancel, lease lost, shutdown) is
+stopped: SIGTERM, on which it stops everything it started (its subreaper sees what left its
+session or parent) within ``grace`` seconds and exits; SIGKILL of what is left if it does not.
+The call returns only then, so a stopped attempt is gone when its end is reported. A stopped or
+dead child is replaced in the background, so the pool always returns to full size.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from anyio.abc import ByteReceiveStream, Process, TaskGroup
 from anyio.streams.buffered import BufferedByteReceiveStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import protocol
+from . import protocol, reaper
 from .environment import task_environment
 from .secrets.masking import Masker
 
 log = logging.getLogger("rexec.agent.children")
 
 _RESPAWN_BACKOFF_MAX = 5.0
+_STOP_MARGIN = 2.0
+"""Seconds past the grace a stopped child has to exit before the agent SIGKILLs what is left."""
 _OUTPUT_LINE_MAX = 64 * 1024
 """A task's output is forwarded in lines (so a secret is never split across two masked
 pieces); a longer run without a newline is forwarded in pieces of this size."""
@@ -75,10 +80,32 @@ class Child:
         ) as exc:
             raise ChildDied(str(exc) or type(exc).__name__) from None
 
+    def terminate(self) -> None:
+        """Ask the child to stop its call and all it started (SIGTERM), then exit."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.process.pid, signal.SIGTERM)
+
     def kill(self) -> None:
-        """SIGKILL the child's process group now: no await, so it is safe while cancelled."""
+        """SIGKILL the child, its process group and everything below it now (no await, so it
+        is safe while cancelled): the last resort when it does not stop on SIGTERM."""
+        if self.process.returncode is None:
+            reaper.kill_tree(self.process.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
+
+    async def stop(self, grace: float) -> int | None:
+        """Terminate, wait for the child's exit (``grace`` and a margin), kill it, reap it."""
+        self.terminate()
+        with anyio.move_on_after(grace + _STOP_MARGIN, shield=True):
+            await self.process.wait()
+        if self.process.returncode is None:
+            log.warning(
+                "child did not stop on SIGTERM; killing it and what it started",
+                extra={"pid": self.pid, "grace": grace},
+            )
+            self.kill()
+        return await self.reap()
 
     async def reap(self) -> int | None:
         with anyio.CancelScope(shield=True):
@@ -100,8 +127,11 @@ class ChildPool:
         masker: Masker | None = None,
         hidden_env: Iterable[str] = (),
         preload: Iterable[str] = (),
+        grace: float = reaper.DEFAULT_GRACE,
     ) -> None:
         self.size = size
+        self.grace = grace
+        """Seconds a stopped call's processes have between SIGTERM and SIGKILL."""
         self.preload = tuple(preload)
         self.max_result_bytes = max_result_bytes
         self.masker = masker if masker is not None else Masker()
@@ -123,6 +153,8 @@ class ChildPool:
             str(self.max_result_bytes),
             "--parent",
             str(os.getpid()),
+            "--grace",
+            str(self.grace),
             *(f"--preload={module}" for module in self.preload),
         ]
 
@@ -188,7 +220,8 @@ class ChildPool:
             return
 
     async def call(self, call: protocol.Call, sink: Sink | None = None) -> protocol.Outcome:
-        """Run ``call`` in an idle child. On cancellation the child is killed and replaced."""
+        """Run ``call`` in an idle child. On cancellation the child is stopped (with all it
+        started) before this returns, and replaced."""
         child = await self._idle_receive.receive()
         while child.process.returncode is not None:  # died while idle (OOM killer, ...)
             log.warning("idle child had exited; replacing it", extra={"pid": child.pid})
@@ -208,7 +241,14 @@ class ChildPool:
             if healthy:
                 self._idle_send.send_nowait(child)
             else:
-                self._replace(child)
+                self._all.discard(child)
+                with anyio.CancelScope(shield=True):
+                    code = await child.stop(self.grace)
+                log.info(
+                    "child stopped with everything its call started; replacing it",
+                    extra={"pid": child.pid, "exit_code": code},
+                )
+                self._tg.start_soon(self._add_new)
 
     def _replace(self, child: Child) -> None:
         child.kill()
@@ -221,7 +261,7 @@ class ChildPool:
         await self._add_new()
 
     async def aclose(self) -> None:
-        """Close the children's stdin (they exit), then kill any that linger."""
+        """Close the children's stdin (they exit), then stop any that linger."""
         self._closing = True
         children = list(self._all)
         self._all.clear()
@@ -231,9 +271,9 @@ class ChildPool:
         with anyio.move_on_after(2.0, shield=True):
             for child in children:
                 await child.process.wait()
-        for child in children:
-            child.kill()
-            await child.reap()
+        async with anyio.create_task_group() as tg:
+            for child in children:
+                tg.start_soon(child.stop, self.grace)
 
 
 def _describe_exit(code: int | None, detail: str) -> str:
@@ -256,11 +296,18 @@ async def open_child_pool(
     masker: Masker | None = None,
     hidden_env: Iterable[str] = (),
     preload: Iterable[str] = (),
+    grace: float = reaper.DEFAULT_GRACE,
 ) -> AsyncIterator[ChildPool]:
     """A started pool; every child is gone when the block exits."""
     async with anyio.create_task_group() as tg:
         pool = ChildPool(
-            size, max_result_bytes, tg, masker=masker, hidden_env=hidden_env, preload=preload
+            size,
+            max_result_bytes,
+            tg,
+            masker=masker,
+            hidden_env=hidden_env,
+            preload=preload,
+            grace=grace,
         )
         try:
             await pool.start()

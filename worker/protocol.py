@@ -17,7 +17,8 @@ TRACEBACK_TAIL = 4096
 
 
 class Call(msgspec.Struct, frozen=True, kw_only=True):
-    """Run ``target`` (``module:function``) with these arguments."""
+    """Run ``target`` (``module:function``) with these arguments, or, when ``argv`` is set,
+    that command (in ``env``): the child, a subreaper, then stops whatever it spawned."""
 
     target: str
     args: list[Any] = []
@@ -25,6 +26,9 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     secrets: dict[str, str] = {}
     """The values of the secrets the task named, for ``rexec.worker.context.secret`` during the call;
     they travel only over the private pipe to the child."""
+    argv: list[str] = []
+    env: dict[str, str] | None = None
+    """A command's whole environment (the secrets it named included); None: the child's."""
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True, tag="outcome"):

@@ -8,6 +8,7 @@ import pytest
 
 from rexec.schemas import messages
 from rexec.schemas.settings import Settings
+from rexec.worker.command import run_command
 from tests.worker.harness import Broker, alive, running_agent, task, until
 
 pytestmark = pytest.mark.anyio
@@ -146,3 +147,24 @@ async def test_tasks_do_not_see_the_agents_credentials(
         command = task(pool, argv=["sh", "-c", 'echo "[$REXEC_AGENT_TOKEN]"'])
         printed = await broker.run(pool, command)
         assert isinstance(printed, messages.Succeeded) and printed.result["output"] == "[]\n"
+
+
+async def test_a_command_with_a_nul_byte_fails_for_good(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    """No exec can take it ("embedded null byte"): not retried. The dispatcher refuses such
+    a command at submission; this is a task from elsewhere, or from before that."""
+    async with running_agent(broker, agent_settings, pool, allow=["echo"]):
+        event = await broker.run(pool, task(pool, argv=["echo", "a\x00b"]))
+        assert isinstance(event, messages.Failed), event
+        assert (event.error_type, event.retryable) == ("InvalidCommand", False)
+        assert event.message == "cannot run command 'echo': embedded null byte"
+
+
+async def test_a_file_that_is_no_executable_fails_for_good(tmp_path: Path) -> None:
+    script = tmp_path / "not-a-program"
+    script.write_text("no shebang, no binary\n")
+    script.chmod(0o755)
+    outcome = await run_command([str(script)])
+    assert (outcome.ok, outcome.error_type, outcome.retryable) == (False, "InvalidCommand", False)
+    assert "Exec format error" in outcome.message
