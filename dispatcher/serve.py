@@ -19,6 +19,7 @@ from .direct import DirectPublisher
 from .events import run_events
 from .relay import run_relay
 from .runtime import open_runtime
+from .slowclients import protocol_class
 from .watchdog import Watchdog
 
 log = logging.getLogger("rexec.serve")
@@ -42,6 +43,9 @@ async def serve(settings: Settings) -> None:
                 ssl_certfile=https[0] if https else None,
                 ssl_keyfile=https[1] if https else None,
                 timeout_graceful_shutdown=SHUTDOWN_GRACE,
+                # Slow or idle clients: a deadline on each request, and a cap on connections.
+                http=protocol_class(settings.api_read_timeout),
+                limit_concurrency=settings.api_max_connections,
             )
         )
         async with anyio.create_task_group() as tg:

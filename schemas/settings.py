@@ -24,6 +24,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_url: str = "http://127.0.0.1:8600"
     api_host: str = "127.0.0.1"
     api_port: int = 8600
+    api_read_timeout: float = 30.0
+    """Seconds ``rexec serve`` waits for a request's headers and body to arrive in full (from
+    the connection's opening, or the request's first byte) before it closes the connection:
+    slow clients cannot hold connections forever."""
+    api_max_connections: int = 1000
+    """Open connections (or running requests) at which ``rexec serve`` answers new requests
+    503 instead of serving them; keep it under the process's open-file limit."""
     api_tls_cert: str = ""
     """PEM certificate (chain) ``rexec serve`` presents; with ``api_tls_key`` the API is HTTPS."""
     api_tls_key: str = ""
@@ -163,6 +170,16 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         raise ValueError(
             f"invalid rexec setting: REXEC_KILL_GRACE={settings.kill_grace}; "
             "use 0 (SIGKILL at once) to 3600 seconds"
+        )
+    if not 0 < settings.api_read_timeout <= 3600:
+        raise ValueError(
+            f"invalid rexec setting: REXEC_API_READ_TIMEOUT={settings.api_read_timeout}; "
+            "use more than 0 and at most 3600 seconds"
+        )
+    if settings.api_max_connections < 1:
+        raise ValueError(
+            f"invalid rexec setting: REXEC_API_MAX_CONNECTIONS={settings.api_max_connections}; "
+            "use 1 or more"
         )
     check_redis_url(settings.redis_url)  # a RedisURLError (a ValueError) names what is wrong
     return settings
