@@ -11,6 +11,7 @@ import logging
 import re
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Litestar, Request, Response, Router, delete, get, patch, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
@@ -22,8 +23,26 @@ from litestar.exceptions import (
 )
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import OpenAPIConfig, ResponseSpec
-from litestar.openapi.spec import Components
-from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Parameter,
+    Reference,
+    Schema,
+)
+from litestar.params import (
+    FromPath,
+    FromQuery,
+    HeaderParameter,
+    JSONBody,
+    KwargDefinition,
+    QueryParameter,
+)
+from litestar.routes import HTTPRoute
 from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_201_CREATED,
@@ -40,6 +59,7 @@ from litestar.status_codes import (
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import DBAPIError
 
+from rexec.schemas import api as api_schemas
 from rexec.schemas import tracing
 from rexec.schemas.api import (
     API_PREFIX,
@@ -92,17 +112,19 @@ ERROR_STATUS: dict[type[service.ServiceError], int] = {
     RateLimited: HTTP_429_TOO_MANY_REQUESTS,
 }
 
-_ERRORS = {
-    400: ResponseSpec(
-        ErrorBody, description="The body is not JSON, nested too deeply or malformed"
-    ),
-    401: ResponseSpec(ErrorBody, description="No API key, or an unknown, revoked or expired one"),
-    403: ResponseSpec(ErrorBody, description="The API key's role is not enough"),
-    404: ResponseSpec(ErrorBody, description="Something named in the request does not exist"),
-    409: ResponseSpec(ErrorBody, description="The request conflicts with the current state"),
-    415: ResponseSpec(ErrorBody, description="The body is not declared application/json"),
-    422: ResponseSpec(ErrorBody, description="A value is unacceptable (out of range, for one)"),
+ERROR_DESCRIPTIONS = {
+    400: "The body is not JSON, nested too deeply or malformed, or a parameter is invalid",
+    401: "No API key, or an unknown, revoked or expired one",
+    403: "The API key's role is not enough",
+    404: "Something named in the request does not exist",
+    409: "The request conflicts with the current state",
+    413: "The body is larger than this operation takes",
+    415: "The body is not declared application/json",
+    422: "A value is unacceptable (out of range, or one the database cannot store)",
+    429: "Submission rate limit: retry after Retry-After seconds",
+    503: "A dependency is unavailable: retry later",
 }
+"""Every error status an operation may answer, with its ``ErrorBody``; see ``describe_errors``."""
 
 
 # --- request bodies ---------------------------------------------------------------------------
@@ -546,14 +568,181 @@ def _on_internal_error(request: Request[Any, Any, Any], exc: Exception) -> Respo
 # --- the app ----------------------------------------------------------------------------------
 
 
-def _guarded(role: Role, **kwargs: Any) -> dict[str, Any]:
-    """Route keyword arguments: the role it needs, and the 401/403 answers in its responses."""
-    responses = {**_AUTH_ERRORS, **kwargs.pop("responses", {})}
-    return {**auth.requires(role), "responses": responses, **kwargs}
+def _guarded(role: Role, *errors: int, **kwargs: Any) -> dict[str, Any]:
+    """Route keyword arguments: the role it needs, and the error statuses its own logic may
+    answer (``describe_errors`` adds those every route of its kind may answer)."""
+    guard = auth.requires(role)
+    return {**guard, "opt": {**guard["opt"], ERRORS_OPT: errors}, **kwargs}
 
 
-_AUTH_ERRORS = {status: _ERRORS[status] for status in (401, 403)}
-_ERRORS_404 = {**_AUTH_ERRORS, 404: _ERRORS[404], 422: _ERRORS[422]}
+QUERY_OPT = "query"
+"""A route's ``opt`` key (set by ``describe_errors``): the query parameters it declares."""
+
+
+async def check_query(request: Request[Any, Any, Any]) -> None:
+    """Refuse (400) a query parameter the operation does not declare, as bodies refuse
+    unknown fields, and one given twice (each takes one value): a misspelt filter
+    (``?stat=running``) or a second ``?pool=`` must not be silently ignored."""
+    declared = request.route_handler.opt.get(QUERY_OPT)
+    if declared is None:
+        return
+    query = request.query_params
+    unknown = sorted(set(query) - declared)
+    if unknown:
+        known = ", ".join(sorted(declared)) or "none"
+        raise ClientException(
+            f"unknown query parameter {unknown[0]!r}: this endpoint takes {known}"
+        )
+    for name in sorted(declared):
+        if len(values := query.getall(name, [])) > 1:
+            raise ClientException(
+                f"query parameter {name!r} is given {len(values)} times: give it once"
+            )
+
+
+ERRORS_OPT = "errors"
+"""A route's ``opt`` key: the error statuses its handler's own logic may answer."""
+
+
+def describe_errors(app: Litestar) -> None:
+    """Declare in the OpenAPI document every error status each operation may answer, each
+    with the ``ErrorBody`` the exception handlers really send (not Litestar's default 400).
+
+    Derived in one place from what the route is: a body may be malformed (400), too large
+    (413), not JSON (415) or out of range (422); a query parameter may not parse (400); any
+    value may be one the database cannot store (422: a NUL); a guarded route answers 401 and
+    403. The route adds what its own logic answers (``opt["errors"]``: 404, 409, 429, 503)."""
+    document = app.openapi_schema
+    if document.components is None:
+        document.components = Components()
+    schemas = document.components.schemas
+    schemas[ErrorBody.__name__] = ERROR_BODY_SCHEMA
+    _forbid_unknown_fields(schemas)
+    reference = Reference(ref="#/components/schemas/ErrorBody")
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute):
+            continue
+        path_item = (document.paths or {}).get(route.path_format)
+        if path_item is None:
+            continue
+        for handler in route.route_handlers:
+            for method in handler.http_methods:
+                operation = getattr(path_item, method.lower(), None)
+                if not isinstance(operation, Operation):
+                    continue
+                _keep_bounds(handler, operation)
+                handler.opt[QUERY_OPT] = frozenset(
+                    p.name
+                    for p in operation.parameters or []
+                    if isinstance(p, Parameter) and p.param_in == "query"
+                )
+                responses = operation.responses or {}
+                responses.pop("400", None)  # Litestar's default, a body the handlers never send
+                for status in sorted(_error_statuses(handler, operation)):
+                    responses[str(status)] = OpenAPIResponse(
+                        description=ERROR_DESCRIPTIONS[status],
+                        content={"application/json": OpenAPIMediaType(schema=reference)},
+                        headers=_ERROR_HEADERS.get(status),
+                    )
+                operation.responses = responses
+
+
+ERROR_BODY_SCHEMA = Schema(
+    type=OpenAPIType.OBJECT,
+    title="ErrorBody",
+    description="Every error: what was wrong and, for some, details (any JSON, often null).",
+    properties={
+        "error": Schema(type=OpenAPIType.STRING, description="What was wrong, and what to do"),
+        "detail": Schema(description="Details of the error (any JSON value), or null"),
+    },
+    required=["error"],
+)
+"""``ErrorBody`` as the error handlers send it: ``{"error": ..., "detail": ...}``."""
+
+
+_ERROR_HEADERS: dict[int, dict[str, OpenAPIHeader | Reference]] = {
+    401: {
+        "WWW-Authenticate": OpenAPIHeader(
+            schema=Schema(type=OpenAPIType.STRING), description="The scheme: Bearer"
+        )
+    },
+    429: {
+        "Retry-After": OpenAPIHeader(
+            schema=Schema(type=OpenAPIType.INTEGER, minimum=0),
+            description="Seconds until a submission is accepted again",
+        )
+    },
+}
+
+
+def _error_statuses(handler: HTTPRouteHandler, operation: Operation) -> set[int]:
+    statuses = set(handler.opt.get(ERRORS_OPT, ()))
+    parameters = operation.parameters or []
+    if operation.request_body is not None:
+        statuses |= {400, 413, 415, 422}
+    if any(isinstance(p, Parameter) and p.param_in == "query" for p in parameters):
+        statuses.add(400)
+    if parameters:
+        statuses.add(422)
+    if "role" in handler.opt:
+        statuses |= {401, 403}
+    if handler.opt.get("agent_auth"):
+        statuses.add(401)
+    return statuses
+
+
+def _keep_bounds(handler: HTTPRouteHandler, operation: Operation) -> None:
+    """Put a parameter's bounds in its schema: Litestar drops a bound of 0 (``ge=0`` is falsy
+    to it), and leaves an optional parameter's outside the ``oneOf`` that holds the number."""
+    fields = handler.parsed_fn_signature.parameters.values()
+    bounds = {}
+    for field in fields:
+        kwarg = field.kwarg_definition
+        if isinstance(kwarg, KwargDefinition):
+            name = getattr(kwarg, "query", None) or getattr(kwarg, "header", None) or field.name
+            bounds[name] = kwarg
+    for parameter in operation.parameters or []:
+        kwarg = bounds.get(parameter.name) if isinstance(parameter, Parameter) else None
+        if kwarg is None or not isinstance(parameter, Parameter):
+            continue
+        schema = parameter.schema
+        if not isinstance(schema, Schema):
+            continue
+        numbers = [
+            s
+            for s in (schema.one_of or [schema])
+            if isinstance(s, Schema) and s.type in (OpenAPIType.INTEGER, OpenAPIType.NUMBER)
+        ]
+        for number in numbers:
+            for attribute, key in _BOUNDS.items():
+                value = getattr(kwarg, attribute)
+                if value is not None:
+                    setattr(number, key, value)
+        if schema.one_of:
+            for key in _BOUNDS.values():
+                setattr(schema, key, None)
+
+
+_BOUNDS = {"ge": "minimum", "gt": "exclusive_minimum", "le": "maximum", "lt": "exclusive_maximum"}
+
+
+def _forbid_unknown_fields(schemas: dict[str, Schema]) -> None:
+    """``additionalProperties: false`` on the bodies that refuse unknown fields, as the
+    decoder does (``forbid_unknown_fields``)."""
+    for struct in FORBIDDING_STRUCTS:
+        schema = schemas.get(struct.__name__)
+        if schema is not None:
+            schema.additional_properties = False
+
+
+FORBIDDING_STRUCTS = [
+    value
+    for value in vars(api_schemas).values()
+    if isinstance(value, type)
+    and issubclass(value, msgspec.Struct)
+    and value.__struct_config__.forbid_unknown_fields
+]
+"""Every body struct that refuses unknown fields."""
 
 
 def create_app(runtime: Runtime) -> Litestar:
@@ -581,85 +770,85 @@ def create_app(runtime: Runtime) -> Litestar:
                 status_code=HTTP_201_CREATED,
                 request_max_body_size=task_body,
                 tags=tasks,
-                **_guarded(
-                    submitter,
-                    responses={
-                        HTTP_200_OK: ResponseSpec(TaskView, description="Idempotency key matched"),
-                        413: ResponseSpec(ErrorBody, description="Arguments too large"),
-                        429: ResponseSpec(ErrorBody, description="Submission rate limit"),
-                        **_ERRORS,
-                    },
-                ),
+                responses={
+                    HTTP_200_OK: ResponseSpec(
+                        TaskView, description="Idempotency key matched", generate_examples=False
+                    )
+                },
+                **_guarded(submitter, 404, 429),
             )(submit_task),
             post(
                 "/tasks/batch",
                 status_code=HTTP_201_CREATED,
                 request_max_body_size=batch_body,
                 tags=tasks,
-                **_guarded(
-                    submitter,
-                    responses={429: ResponseSpec(ErrorBody, description="Rate limit")},
-                ),
+                **_guarded(submitter, 404, 429),
             )(submit_batch),
             post(
                 "/tasks/wait",
                 status_code=HTTP_200_OK,
                 request_max_body_size=WAIT_BODY,
                 tags=tasks,
-                **_guarded(viewer),
+                **_guarded(viewer, 404),
             )(wait_tasks),
-            get("/tasks", tags=tasks, **_guarded(viewer))(list_tasks),
-            get("/tasks/{task_id:str}", tags=tasks, **_guarded(viewer, responses=_ERRORS_404))(
-                get_task
-            ),
+            get("/tasks", tags=tasks, **_guarded(viewer, 404))(list_tasks),
+            get("/tasks/{task_id:str}", tags=tasks, **_guarded(viewer, 404))(get_task),
             post(
                 "/tasks/{task_id:str}/cancel",
                 status_code=HTTP_200_OK,
                 tags=tasks,
-                **_guarded(submitter, responses=_ERRORS_404),
+                **_guarded(submitter, 404, 409),
             )(cancel_task),
-            get("/tasks/{task_id:str}/history", tags=tasks, **_guarded(viewer))(task_history),
+            get("/tasks/{task_id:str}/history", tags=tasks, **_guarded(viewer, 404))(task_history),
             post(
                 "/tasks/{task_id:str}/log-grant",
                 status_code=HTTP_200_OK,
                 tags=tasks,
-                **_guarded(submitter, responses=_ERRORS_404),
+                **_guarded(submitter, 404),
             )(log_grant),
-            post("/pools", status_code=HTTP_201_CREATED, tags=pools, **_guarded(admin))(
+            post("/pools", status_code=HTTP_201_CREATED, tags=pools, **_guarded(admin, 409))(
                 create_pool
             ),
             get("/pools", tags=pools, **_guarded(viewer))(list_pools),
-            patch("/pools/{name:str}", status_code=HTTP_200_OK, tags=pools, **_guarded(admin))(
+            patch("/pools/{name:str}", status_code=HTTP_200_OK, tags=pools, **_guarded(admin, 404))(
                 update_pool
             ),
-            post("/pools/{name:str}/drain", status_code=HTTP_200_OK, tags=pools, **_guarded(admin))(
-                drain_pool
-            ),
             post(
-                "/pools/{name:str}/resume", status_code=HTTP_200_OK, tags=pools, **_guarded(admin)
+                "/pools/{name:str}/drain",
+                status_code=HTTP_200_OK,
+                tags=pools,
+                **_guarded(admin, 404),
+            )(drain_pool),
+            post(
+                "/pools/{name:str}/resume",
+                status_code=HTTP_200_OK,
+                tags=pools,
+                **_guarded(admin, 404),
             )(resume_pool),
             get("/agents", tags=["agents"], **_guarded(viewer))(list_agents),
             post(
                 "/agents/register",
                 status_code=HTTP_201_CREATED,
                 tags=["agents"],
-                opt={"agent_auth": True},
-                responses={401: ResponseSpec(ErrorBody, description="Bad agent token"), **_ERRORS},
+                opt={"agent_auth": True, ERRORS_OPT: (409, 503)},
             )(register_agent),
-            post("/tokens", status_code=HTTP_201_CREATED, tags=tokens, **_guarded(admin))(
+            post("/tokens", status_code=HTTP_201_CREATED, tags=tokens, **_guarded(admin, 404))(
                 create_token
             ),
             get("/tokens", tags=tokens, **_guarded(admin))(list_tokens),
             delete(
-                "/tokens/{token_id:str}", status_code=HTTP_200_OK, tags=tokens, **_guarded(admin)
+                "/tokens/{token_id:str}",
+                status_code=HTTP_200_OK,
+                tags=tokens,
+                **_guarded(admin, 404),
             )(revoke_token),
             post("/apikeys", status_code=HTTP_201_CREATED, tags=keys, **_guarded(admin))(
                 create_api_key
             ),
             get("/apikeys", tags=keys, **_guarded(admin))(list_api_keys),
-            delete("/apikeys/{key_id:str}", status_code=HTTP_200_OK, tags=keys, **_guarded(admin))(
-                revoke_api_key
-            ),
+            delete(
+                "/apikeys/{key_id:str}", status_code=HTTP_200_OK, tags=keys, **_guarded(admin, 404)
+            )(revoke_api_key),
             post("/login", status_code=HTTP_200_OK, tags=keys, **_guarded(viewer))(login),
             get("/audit", tags=["audit"], **_guarded(admin))(list_audit),
         ],
@@ -668,7 +857,18 @@ def create_app(runtime: Runtime) -> Litestar:
         route_handlers=[
             v1,
             get("/healthz", tags=["health"], **auth.PUBLIC)(healthz),
-            get("/readyz", tags=["health"], **auth.PUBLIC)(readyz),
+            get(
+                "/readyz",
+                tags=["health"],
+                responses={
+                    HTTP_503_SERVICE_UNAVAILABLE: ResponseSpec(
+                        dict[str, str],
+                        description="Unready: the reason says which dependency is down",
+                        generate_examples=False,
+                    )
+                },
+                **auth.PUBLIC,
+            )(readyz),
             get("/metrics", tags=["health"], include_in_schema=False, **auth.requires(viewer))(
                 metrics
             ),
@@ -686,6 +886,7 @@ def create_app(runtime: Runtime) -> Litestar:
             Exception: _on_internal_error,
         },
         request_class=JsonRequest,
+        before_request=check_query,
         request_max_body_size=task_body,
         state=State({"authenticator": auth.Authenticator(runtime)}),
         openapi_config=OpenAPIConfig(
@@ -704,4 +905,5 @@ def create_app(runtime: Runtime) -> Litestar:
         debug=False,
     )
     auth.check_routes(app)
+    describe_errors(app)
     return app
