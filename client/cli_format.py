@@ -92,7 +92,10 @@ def to_json(value: Any) -> str:
 def when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    except (ValueError, OverflowError, OSError):  # a time no calendar shows: say it as is
+        return f"{ts:.0f}"
 
 
 def age(seconds: float | None) -> str:

@@ -29,6 +29,9 @@ object itself is one level) and in a result; deeper values are refused, since ev
 that decodes them pays for the depth."""
 MAX_RUNNING = 1_000_000
 """Largest ``max_running`` of a pool (a limit above every real pool's size is no limit)."""
+MAX_CREDENTIAL_LIFETIME = 10 * 366 * 86_400.0
+"""Longest ``expires_in`` of an agent token or an API key (seconds): ten years (beyond it,
+keep the credential unexpiring and revoke it)."""
 INT32_MAX = 2**31 - 1
 """The largest integer the metadata database's integer columns hold."""
 
@@ -37,6 +40,7 @@ Backoff = Annotated[float, msgspec.Meta(ge=0, le=MAX_RETRY_BACKOFF)]
 Timeout = Annotated[float, msgspec.Meta(ge=MIN_TIMEOUT, le=MAX_TIMEOUT)]
 ExpiresIn = Annotated[float, msgspec.Meta(ge=MIN_TIMEOUT, le=MAX_EXPIRES_IN)]
 RunningLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_RUNNING)]
+CredentialLifetime = Annotated[float, msgspec.Meta(gt=0, le=MAX_CREDENTIAL_LIFETIME)]
 
 
 class TaskState(enum.StrEnum):
@@ -240,7 +244,7 @@ class LogGrant(msgspec.Struct, kw_only=True):
 class TokenCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pool: str
     name: Annotated[str, msgspec.Meta(max_length=200)] = ""
-    expires_in: float | None = None
+    expires_in: CredentialLifetime | None = None
 
 
 class TokenView(msgspec.Struct, kw_only=True):
@@ -286,7 +290,7 @@ ROLE_RANK = {Role.VIEWER: 0, Role.SUBMITTER: 1, Role.ADMIN: 2}
 class ApiKeyCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: Role
     name: str = ""
-    expires_in: float | None = None
+    expires_in: CredentialLifetime | None = None
 
 
 class ApiKeyView(msgspec.Struct, kw_only=True):

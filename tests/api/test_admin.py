@@ -119,6 +119,11 @@ async def test_tokens(api: httpx.AsyncClient, runtime: Runtime, pool: str) -> No
     assert unknown_pool.status_code == 404
     bad_expiry = await api.post("/v1/tokens", json={"pool": pool, "expires_in": 0})
     assert bad_expiry.status_code == 422
+    # A lifetime past any calendar (found by schemathesis) broke every listing that shows it.
+    for path, body in (("/v1/tokens", {"pool": pool}), ("/v1/apikeys", {"role": "viewer"})):
+        endless = await api.post(path, json={**body, "expires_in": 1e16})
+        assert endless.status_code == 422, endless.text
+        assert "expires_in must be at most" in endless.json()["error"]
 
 
 async def test_register_agent(api: httpx.AsyncClient, runtime: Runtime, pool: str) -> None:

@@ -115,3 +115,8 @@ def test_agents_on_a_narrow_terminal() -> None:
     lines = render(fmt.agents_table(agents, 70), 70)
     assert lines[1].split() == ["agent", "pool", "state", "heartbeat", "running", "host", "pid"]
     assert lines[3].split() == ["vm-8d0560c6", "etl", "online", "0.4s", "ago", "3/8", "vm", "4060"]
+
+
+def test_a_time_no_calendar_shows_is_printed_as_a_number() -> None:
+    assert fmt.when(1e16) == "10000000000000000"
+    assert fmt.when(None) == "-"
