@@ -7,7 +7,6 @@ import json
 import time
 import uuid
 
-import aio_pika
 import httpx
 import pytest
 from sqlalchemy import func, select
@@ -17,7 +16,7 @@ from rexec.dispatcher.db.models import Pool, Task
 from rexec.dispatcher.runtime import Runtime
 from rexec.schemas import messages, names
 from rexec.schemas.api import MAX_NESTING, PoolCreate
-from tests.api.test_admin import new_token
+from tests.api.test_admin import new_token, queue_exists
 
 pytestmark = pytest.mark.anyio
 
@@ -36,18 +35,6 @@ def nested(depth: int) -> object:
 async def count_tasks(rt: Runtime, pool: str) -> int:
     async with rt.sessions() as session:
         return int(await session.scalar(select(func.count()).where(Task.pool == pool)) or 0)
-
-
-async def queue_exists(rt: Runtime, name: str) -> bool:
-    channel = await rt.connection.channel()
-    try:
-        await channel.declare_queue(name, passive=True)
-        return True
-    except aio_pika.exceptions.ChannelClosed:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
 
 
 # --- 1. bounds of a submission ------------------------------------------------------------------
