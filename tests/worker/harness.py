@@ -18,7 +18,8 @@ from rexec.schemas import messages, names
 from rexec.schemas.settings import Settings
 from rexec.schemas.signing import SIGNATURE_HEADER
 from rexec.worker.agent import Agent
-from tests.support import SIGNER, await_until
+from tests.support import REPO, SIGNER, await_until, free_port
+from tests.worker.fake_api import FakeApi, serve_fake_api
 
 E = TypeVar("E", bound=messages.TaskEvent)
 T = TypeVar("T")
@@ -227,3 +228,37 @@ async def running_agent(
         finally:
             with anyio.fail_after(60):
                 await agent.shutdown(immediate=True)
+
+
+@asynccontextmanager
+async def fake_registration(
+    broker: Broker, settings: Settings, pool: str, prefix: str
+) -> AsyncIterator[tuple[FakeApi, str, dict[str, str]]]:
+    """A registration endpoint that admits one agent of ``pool`` (its control queue declared),
+    with the agent's id and the environment a real ``rexec-agent`` process needs to use it."""
+    agent_id = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    await topology.declare_agent_queue(broker.channel, agent_id)
+    api = FakeApi(
+        body={
+            "agent_id": agent_id,
+            "pool": pool,
+            "heartbeat_ttl": 3.0,
+            "protocol_version": 1,
+            "signing_public_keys": [SIGNER.public_key],
+        }
+    )
+    with serve_fake_api(api):
+        yield (
+            api,
+            agent_id,
+            {
+                "REXEC_API_URL": api.url,
+                "REXEC_AGENT_TOKEN": "secret",
+                "REXEC_AMQP_URL": settings.amqp_url,
+                "REXEC_REDIS_URL": settings.redis_url,
+                "REXEC_REDIS_PREFIX": settings.redis_prefix,
+                "REXEC_HEALTH_PORT": str(free_port()),
+                "REXEC_LOG_DIR": settings.log_dir,
+                "PYTHONPATH": str(REPO),
+            },
+        )

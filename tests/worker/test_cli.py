@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,14 +14,13 @@ import httpx
 import pytest
 import redis
 
-from rexec.dispatcher import topology
 from rexec.schemas import messages
 from rexec.schemas.names import RedisKeys
 from rexec.schemas.settings import Settings
 from rexec.worker import cli
-from tests.support import REPO, SIGNER, Process, free_port
+from tests.support import SIGNER, Process
 from tests.worker.fake_api import FakeApi, serve_fake_api
-from tests.worker.harness import Broker, task, until
+from tests.worker.harness import Broker, fake_registration, task, until
 
 
 @pytest.fixture(autouse=True)
@@ -107,28 +105,8 @@ async def test_agent_process_registers_runs_and_drains_on_sigterm(
     keys: RedisKeys,
     tmp_path: Path,
 ) -> None:
-    agent_id = f"cli-{uuid.uuid4().hex[:8]}"
-    await topology.declare_agent_queue(broker.channel, agent_id)
-    api = FakeApi(
-        body={
-            "agent_id": agent_id,
-            "pool": pool,
-            "heartbeat_ttl": 3.0,
-            "protocol_version": 1,
-            "signing_public_keys": [SIGNER.public_key],
-        }
-    )
-    with serve_fake_api(api):
-        env = {
-            "REXEC_API_URL": api.url,
-            "REXEC_AGENT_TOKEN": "secret",
-            "REXEC_AMQP_URL": agent_settings.amqp_url,
-            "REXEC_REDIS_URL": agent_settings.redis_url,
-            "REXEC_REDIS_PREFIX": agent_settings.redis_prefix,
-            "REXEC_HEALTH_PORT": str(health_port := free_port()),
-            "REXEC_LOG_DIR": agent_settings.log_dir,
-            "PYTHONPATH": str(REPO),
-        }
+    async with fake_registration(broker, agent_settings, pool, "cli") as (api, agent_id, env):
+        health_port = int(env["REXEC_HEALTH_PORT"])
         argv = [sys.executable, "-m", "rexec.worker.cli", "--pool", pool, "--concurrency", "2"]
         argv += ["--allow", "tests.tasks:*", "--drain-timeout", "10"]
         process = Process(argv, env, tmp_path / "agent.log")

@@ -8,21 +8,18 @@ import contextlib
 import os
 import signal
 import sys
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from rexec.dispatcher import topology
 from rexec.schemas import messages
 from rexec.schemas.names import RedisKeys
 from rexec.schemas.settings import Settings
-from tests.support import REPO, SIGNER, Process, free_port
+from tests.support import Process
 from tests.worker import spawner
-from tests.worker.fake_api import FakeApi, serve_fake_api
-from tests.worker.harness import Broker, running_agent, task, until
+from tests.worker.harness import Broker, fake_registration, running_agent, task, until
 
 pytestmark = pytest.mark.anyio
 
@@ -57,28 +54,7 @@ async def agent_process(
     broker: Broker, settings: Settings, pool: str, redis_client: redis.Redis, log: Path
 ) -> AsyncIterator[Process]:
     """A real ``rexec-agent`` process (registered with a fake API), stopped at the end."""
-    agent_id = f"orph-{uuid.uuid4().hex[:8]}"
-    await topology.declare_agent_queue(broker.channel, agent_id)
-    api = FakeApi(
-        body={
-            "agent_id": agent_id,
-            "pool": pool,
-            "heartbeat_ttl": 3.0,
-            "protocol_version": 1,
-            "signing_public_keys": [SIGNER.public_key],
-        }
-    )
-    with serve_fake_api(api):
-        env = {
-            "REXEC_API_URL": api.url,
-            "REXEC_AGENT_TOKEN": "secret",
-            "REXEC_AMQP_URL": settings.amqp_url,
-            "REXEC_REDIS_URL": settings.redis_url,
-            "REXEC_REDIS_PREFIX": settings.redis_prefix,
-            "REXEC_HEALTH_PORT": str(free_port()),
-            "REXEC_LOG_DIR": settings.log_dir,
-            "PYTHONPATH": str(REPO),
-        }
+    async with fake_registration(broker, settings, pool, "orph") as (_, agent_id, env):
         argv = [sys.executable, "-m", "rexec.worker.cli", "--pool", pool, "--concurrency", "1"]
         argv += ["--allow", "tests.worker.spawner:*", "--allow", sys.executable]
         process = Process(argv, env, log)
