@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+from rexec.worker.context import NonRetryable
+
 
 def add(x: int, y: int) -> int:
     return x + y
@@ -26,6 +28,14 @@ def sleep(seconds: float) -> float:
 
 def fail(message: str = "boom") -> None:
     raise RuntimeError(message)
+
+
+class Refused(NonRetryable):
+    """A failure no further attempt can fix."""
+
+
+def refuse(message: str = "refused") -> None:
+    raise Refused(message)
 
 
 def big_result(size: int) -> str:

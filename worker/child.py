@@ -148,7 +148,8 @@ def _exception_outcome(exc: BaseException) -> protocol.Outcome:
     # Drop the runner's own frame: the user wants to see their code.
     tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
     text = "".join(traceback.format_exception(type(exc), exc, tb))
-    return protocol.failure(type(exc).__name__, str(exc), text, retryable=True)
+    retryable = not isinstance(exc, context.NonRetryable)
+    return protocol.failure(type(exc).__name__, str(exc), text, retryable=retryable)
 
 
 def run_command(call: protocol.Call) -> protocol.Outcome:

@@ -4,6 +4,7 @@
 (``rexec submit --secret NAME``, ``client.submit(..., secrets=[NAME])``); the agent resolved it
 from its own backend. Values are set for the duration of the call only and removed after it.
 Anything the task sends back (its result, an exception, its output) is masked by the agent.
+A task that raises :class:`NonRetryable` fails without a further attempt.
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 _current: dict[str, str] = {}
+
+
+class NonRetryable(Exception):
+    """Raise it (or a subclass) to fail the attempt for good: no further attempt is made.
+
+    For failures another try cannot fix, as Temporal's ``non_retryable`` errors: a refusal by a
+    service that already saw this request, bad input. Any other exception is retried while the
+    task has attempts left."""
 
 
 class SecretNotNamed(LookupError):

@@ -48,6 +48,16 @@ async def test_exception_fails_retryable_with_traceback(
         assert "worker/child.py" not in event.traceback
 
 
+async def test_non_retryable_exception_fails_for_good(
+    broker: Broker, agent_settings: Settings, pool: str
+) -> None:
+    async with running_agent(broker, agent_settings, pool):
+        event = await broker.run(pool, task(pool, "tests.tasks:refuse", args=["seen already"]))
+        assert isinstance(event, messages.Failed)
+        assert (event.error_type, event.message) == ("Refused", "seen already")
+        assert event.retryable is False
+
+
 @pytest.mark.parametrize(
     ("target", "needle"),
     [
