@@ -20,6 +20,7 @@ from rexec.schemas.api import (
     Principal,
     Role,
     SubmitTask,
+    TaskChanges,
     TaskHistoryEntry,
     TaskView,
     TokenCreated,
@@ -94,10 +95,12 @@ class AsyncRexecClient:
         expires_in: float | None = None,
         idempotency_key: str | None = None,
         secrets: Sequence[str] = (),
+        sensitive: bool = False,
     ) -> TaskView:
         """Submit ``target`` (``module:function``) or ``command`` (argv) to ``pool``.
 
-        ``secrets``: names the agent resolves from its own backend; values never leave it."""
+        ``secrets``: names the agent resolves from its own backend; values never leave it.
+        ``sensitive``: viewer API keys are not shown the task's arguments."""
         body = _calls.submit_body(
             pool,
             target,
@@ -110,6 +113,7 @@ class AsyncRexecClient:
             expires_in,
             idempotency_key,
             secrets,
+            sensitive,
         )
         return await self._run(_calls.submit(body))
 
@@ -149,9 +153,30 @@ class AsyncRexecClient:
         return [views[task_id] for task_id in ids if task_id in views]
 
     async def list_tasks(
-        self, *, pool: str | None = None, state: str | None = None, limit: int = 100
+        self,
+        *,
+        pool: str | None = None,
+        state: str | None = None,
+        idempotency_key: str | None = None,
+        limit: int = 100,
     ) -> list[TaskView]:
-        return await self._run(_calls.list_tasks(pool, state, limit))
+        """Tasks, newest first; ``idempotency_key`` finds the task submitted with that key."""
+        return await self._run(_calls.list_tasks(pool, state, limit, idempotency_key))
+
+    async def changes(
+        self,
+        after: int | None = None,
+        *,
+        pools: Sequence[str] = (),
+        wait: float = 0,
+        limit: int = 500,
+    ) -> TaskChanges:
+        """Task state changes after the cursor ``after``, oldest first (at most ``limit``, of
+        ``pools`` if given); pass the answer's ``cursor`` as the next ``after``. Without
+        ``after``: no changes, and the cursor to start from. ``wait`` (at most 60 s): hold the
+        request until a change comes. With PostgreSQL a change may be skipped (it committed
+        after a later one was read): reconcile now and then with ``wait(ids, timeout=0)``."""
+        return await self._run(_calls.changes(after, pools, wait, limit))
 
     async def cancel(self, task_id: str) -> TaskView:
         return await self._run(_calls.cancel(task_id))

@@ -30,6 +30,7 @@ from rexec.schemas.api import (
     SubmitBatch,
     SubmitBatchResult,
     SubmitTask,
+    TaskChanges,
     TaskHistoryEntry,
     TaskView,
     TokenCreate,
@@ -40,6 +41,8 @@ from rexec.schemas.api import (
 )
 
 T = TypeVar("T")
+Param = str | int | float | Sequence[str]
+"""A query parameter's value; a sequence repeats the parameter (``?pool=a&pool=b``)."""
 
 MAX_WAIT = 60.0
 """The server's longest long-poll; longer waits are several polls."""
@@ -66,7 +69,7 @@ class Call(Generic[T]):
     method: str
     path: str
     decode: Callable[[bytes], T]
-    params: Mapping[str, str | int | float] = field(default_factory=dict)
+    params: Mapping[str, Param] = field(default_factory=dict)
     body: bytes | None = None
     timeout: float | None = None
     """Seconds to wait for the answer, when longer than usual (long-polls)."""
@@ -129,6 +132,7 @@ _token_created = _decoder(TokenCreated)
 _agents = _decoder(list[AgentView])
 _batch = _decoder(SubmitBatchResult)
 _wait_result = _decoder(WaitResult)
+_changes = _decoder(TaskChanges)
 _health = _decoder(dict[str, str])
 _api_key = _decoder(ApiKeyView)
 _api_keys = _decoder(list[ApiKeyView])
@@ -149,7 +153,7 @@ def _v1(*segments: str) -> str:
     return API_PREFIX + "".join("/" + quote(s, safe="") for s in segments)
 
 
-def _params(**values: str | int | float | None) -> dict[str, str | int | float]:
+def _params(**values: Param | None) -> dict[str, Param]:
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -184,8 +188,20 @@ def get(task_id: str, wait: float | None = None) -> Call[TaskView]:
     )
 
 
-def list_tasks(pool: str | None, state: str | None, limit: int) -> Call[list[TaskView]]:
-    return Call("GET", _v1("tasks"), _tasks, params=_params(pool=pool, state=state, limit=limit))
+def list_tasks(
+    pool: str | None, state: str | None, limit: int, idempotency_key: str | None = None
+) -> Call[list[TaskView]]:
+    params = _params(pool=pool, state=state, idempotency_key=idempotency_key, limit=limit)
+    return Call("GET", _v1("tasks"), _tasks, params=params)
+
+
+def changes(after: int | None, pools: Sequence[str], wait: float, limit: int) -> Call[TaskChanges]:
+    """The change feed; its read timeout outlasts the long-poll (``wait``, at most 60 s)."""
+    wait = min(max(wait, 0.0), MAX_WAIT)
+    params = _params(after=after, pool=list(pools) or None, wait=wait or None, limit=limit)
+    return Call(
+        "GET", _v1("tasks", "changes"), _changes, params=params, timeout=wait + DEFAULT_TIMEOUT
+    )
 
 
 def cancel(task_id: str) -> Call[TaskView]:
@@ -283,6 +299,7 @@ def submit_body(
     expires_in: float | None,
     idempotency_key: str | None,
     secrets: Sequence[str] = (),
+    sensitive: bool = False,
 ) -> SubmitTask:
     return SubmitTask(
         pool=pool,
@@ -296,6 +313,7 @@ def submit_body(
         expires_in=expires_in,
         idempotency_key=idempotency_key,
         secrets=list(secrets),
+        sensitive=sensitive,
     )
 
 

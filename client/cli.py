@@ -328,6 +328,7 @@ def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
         expires_in=args.expires_in,
         idempotency_key=args.key,
         secrets=args.secrets,
+        sensitive=args.sensitive,
     )
     sys.stdout.write(task.id + "\n")
     return 0
@@ -604,6 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME",
         help="a secret the agent resolves for the task (only the name is sent); repeatable",
+    )
+    p.add_argument(
+        "--sensitive",
+        action="store_true",
+        help="hide the task's arguments from viewer API keys",
     )
 
     p = command(commands, "status", cmd_status, "one task in detail", [json_flag])

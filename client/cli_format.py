@@ -131,8 +131,19 @@ def short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+HIDDEN = "(sensitive: hidden)"
+"""Shown for the arguments of a sensitive task, which a viewer key does not get."""
+
+
+def hidden(task: TaskView) -> bool:
+    """A sensitive task whose arguments the API left out (a viewer key asked)."""
+    return task.sensitive and not (task.args or task.kwargs or task.argv)
+
+
 def task_label(task: TaskView) -> str:
-    return " ".join(task.argv) if task.kind == "command" else task.target
+    if task.kind != "command":
+        return task.target
+    return f"{task.target} {HIDDEN}" if hidden(task) else " ".join(task.argv)
 
 
 def outcome(task: TaskView) -> str:
@@ -294,7 +305,9 @@ def task_detail(task: TaskView) -> Table:
         ("kind", task.kind),
         ("target" if task.kind == "function" else "command", task_label(task)),
     ]
-    if task.kind == "function":
+    if task.kind == "function" and hidden(task):
+        rows += [("args", HIDDEN), ("kwargs", HIDDEN)]
+    elif task.kind == "function":
         rows += [("args", short(task.args, 200)), ("kwargs", short(task.kwargs, 200))]
     rows += [
         ("state", state_text(task.state)),

@@ -63,6 +63,8 @@ from rexec.schemas import api as api_schemas
 from rexec.schemas import tracing
 from rexec.schemas.api import (
     API_PREFIX,
+    INT32_MAX,
+    MAX_CHANGES,
     AgentRegister,
     AgentRegistered,
     AgentView,
@@ -80,6 +82,7 @@ from rexec.schemas.api import (
     SubmitBatch,
     SubmitBatchResult,
     SubmitTask,
+    TaskChanges,
     TaskHistoryEntry,
     TaskView,
     TokenCreate,
@@ -89,7 +92,7 @@ from rexec.schemas.api import (
     WaitTasks,
 )
 
-from . import apikeys, audit, auth, gauges, logaccess, service
+from . import apikeys, audit, auth, changes, gauges, logaccess, service
 from .nesting import MAX_BODY_DEPTH, text_deeper_than
 from .ratelimit import RateLimited, SubmitLimiter
 from .runtime import Runtime
@@ -178,6 +181,7 @@ async def submit_task(
     limiter.take(caller.id)
     with tracing.parent_from(request.headers):
         view, created = await service.submit(rt, data)
+    view = service.shown_to(caller.role, view)
     return Response(view, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
 
@@ -194,25 +198,72 @@ async def submit_batch(
         return SubmitBatchResult(ids=await service.submit_batch(rt, data.tasks))
 
 
-async def wait_tasks(rt: NamedDependency[Runtime], data: JSONBody[WaitTasks]) -> WaitResult:
+async def wait_tasks(
+    rt: NamedDependency[Runtime], caller: NamedDependency[Principal], data: JSONBody[WaitTasks]
+) -> WaitResult:
     """Long-poll many tasks: returns once every one is terminal or ``wait`` (at most 60 s) ran out."""
-    return WaitResult(tasks=await service.wait_tasks(rt, data.ids, data.wait))
+    views = await service.wait_tasks(rt, data.ids, data.wait)
+    return WaitResult(tasks=[service.shown_to(caller.role, view) for view in views])
 
 
 async def list_tasks(
     rt: NamedDependency[Runtime],
+    caller: NamedDependency[Principal],
     pool: FromQuery[str | None] = None,
     task_state: Annotated[
         str | None, QueryParameter(name="state", description="Only tasks in this state")
     ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        QueryParameter(
+            min_length=1,
+            max_length=service.IDEMPOTENCY_KEY_MAX,
+            description="Only the task submitted with this idempotency key (per pool)",
+        ),
+    ] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=service.MAX_LIST_LIMIT)] = 100,
 ) -> list[TaskView]:
     """Tasks, newest first."""
-    return await service.list_tasks(rt, pool=pool, state=task_state, limit=limit)
+    views = await service.list_tasks(
+        rt, pool=pool, state=task_state, idempotency_key=idempotency_key, limit=limit
+    )
+    return [service.shown_to(caller.role, view) for view in views]
+
+
+async def task_changes(
+    rt: NamedDependency[Runtime],
+    after: Annotated[
+        int | None,
+        QueryParameter(
+            ge=0,
+            le=INT32_MAX,
+            description="Changes after this sequence number (a previous answer's cursor); "
+            "omitted: none, and the cursor to start from",
+        ),
+    ] = None,
+    pool: Annotated[
+        list[str] | None,
+        QueryParameter(description="Only tasks of this pool (repeat for several)"),
+    ] = None,
+    wait: Annotated[
+        float,
+        QueryParameter(
+            ge=0,
+            le=service.MAX_WAIT,
+            description="Long-poll: seconds (at most 60) to wait for a change",
+        ),
+    ] = 0.0,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_CHANGES)] = changes.DEFAULT_LIMIT,
+) -> TaskChanges:
+    """Task state changes after ``after``, oldest first: a scheduler follows many tasks
+    without polling each. With PostgreSQL a change may commit after a later one was read
+    (and be skipped): reconcile now and then with ``POST /v1/tasks/wait`` and ``wait=0``."""
+    return await changes.changes(rt, after=after, pools=pool or (), wait=wait, limit=limit)
 
 
 async def get_task(
     rt: NamedDependency[Runtime],
+    caller: NamedDependency[Principal],
     task_id: FromPath[str],
     wait: Annotated[
         float | None,
@@ -224,8 +275,10 @@ async def get_task(
 ) -> TaskView:
     """One task; with ``wait``, returns once it is terminal or the wait ran out."""
     if wait:
-        return await service.wait_task(rt, task_id, wait)
-    return await service.get_task(rt, task_id)
+        view = await service.wait_task(rt, task_id, wait)
+    else:
+        view = await service.get_task(rt, task_id)
+    return service.shown_to(caller.role, view)
 
 
 async def cancel_task(
@@ -241,7 +294,7 @@ async def cancel_task(
         task_id,
         {"attempt": view.attempt, "state": found, "agent_id": view.agent_id},
     )
-    return view
+    return service.shown_to(caller.role, view)
 
 
 async def task_history(
@@ -577,12 +630,14 @@ def _guarded(role: Role, *errors: int, **kwargs: Any) -> dict[str, Any]:
 
 QUERY_OPT = "query"
 """A route's ``opt`` key (set by ``describe_errors``): the query parameters it declares."""
+QUERY_LISTS_OPT = "query_lists"
+"""A route's ``opt`` key (set by ``describe_errors``): those declared as lists (repeatable)."""
 
 
 async def check_query(request: Request[Any, Any, Any]) -> None:
     """Refuse (400) a query parameter the operation does not declare, as bodies refuse
-    unknown fields, and one given twice (each takes one value): a misspelt filter
-    (``?stat=running``) or a second ``?pool=`` must not be silently ignored."""
+    unknown fields, and one given twice unless it is declared a list: a misspelt filter
+    (``?stat=running``) or a second ``?state=`` must not be silently ignored."""
     declared = request.route_handler.opt.get(QUERY_OPT)
     if declared is None:
         return
@@ -593,7 +648,8 @@ async def check_query(request: Request[Any, Any, Any]) -> None:
         raise ClientException(
             f"unknown query parameter {unknown[0]!r}: this endpoint takes {known}"
         )
-    for name in sorted(declared):
+    lists = request.route_handler.opt.get(QUERY_LISTS_OPT, frozenset())
+    for name in sorted(declared - lists):
         if len(values := query.getall(name, [])) > 1:
             raise ClientException(
                 f"query parameter {name!r} is given {len(values)} times: give it once"
@@ -631,11 +687,13 @@ def describe_errors(app: Litestar) -> None:
                 if not isinstance(operation, Operation):
                     continue
                 _keep_bounds(handler, operation)
-                handler.opt[QUERY_OPT] = frozenset(
-                    p.name
+                query = [
+                    p
                     for p in operation.parameters or []
                     if isinstance(p, Parameter) and p.param_in == "query"
-                )
+                ]
+                handler.opt[QUERY_OPT] = frozenset(p.name for p in query)
+                handler.opt[QUERY_LISTS_OPT] = frozenset(p.name for p in query if _is_list(p))
                 responses = operation.responses or {}
                 responses.pop("400", None)  # Litestar's default, a body the handlers never send
                 for status in sorted(_error_statuses(handler, operation)):
@@ -689,6 +747,16 @@ def _error_statuses(handler: HTTPRouteHandler, operation: Operation) -> set[int]
     if handler.opt.get("agent_auth"):
         statuses.add(401)
     return statuses
+
+
+def _is_list(parameter: Parameter) -> bool:
+    """A query parameter whose schema is an array (alone or in a ``oneOf``): it may repeat."""
+    schema = parameter.schema
+    if not isinstance(schema, Schema):
+        return False
+    return any(
+        isinstance(s, Schema) and s.type == OpenAPIType.ARRAY for s in (schema.one_of or [schema])
+    )
 
 
 def _keep_bounds(handler: HTTPRouteHandler, operation: Operation) -> None:
@@ -792,6 +860,7 @@ def create_app(runtime: Runtime) -> Litestar:
                 **_guarded(viewer, 404),
             )(wait_tasks),
             get("/tasks", tags=tasks, **_guarded(viewer, 404))(list_tasks),
+            get("/tasks/changes", tags=tasks, **_guarded(viewer, 404))(task_changes),
             get("/tasks/{task_id:str}", tags=tasks, **_guarded(viewer, 404))(get_task),
             post(
                 "/tasks/{task_id:str}/cancel",

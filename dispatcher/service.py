@@ -39,6 +39,7 @@ from rexec.schemas.api import (
     AgentView,
     PoolCreate,
     PoolView,
+    Role,
     SubmitTask,
     TaskHistoryEntry,
     TaskState,
@@ -164,7 +165,17 @@ def task_view(task: Task) -> TaskView:
         cancel_requested=task.cancel_requested,
         log_tail=task.log_tail or "",
         log_ref=task.log_ref or "",
+        sensitive=task.sensitive,
     )
+
+
+def shown_to(role: Role, view: TaskView) -> TaskView:
+    """The view as ``role`` may see it: a viewer gets a sensitive task's arguments (``args``,
+    ``kwargs``, ``argv``) empty, since a read-only key is handed out more widely than the
+    keys that submit (dashboards, on-call) and arguments may carry customer data."""
+    if not view.sensitive or role.allows(Role.SUBMITTER):
+        return view
+    return msgspec.structs.replace(view, args=[], kwargs={}, argv=[])
 
 
 def _pool_view(pool: Pool, counts: dict[str, int] | None = None) -> PoolView:
@@ -298,6 +309,7 @@ def _task_row(body: SubmitTask, settings: Settings, now: float) -> dict[str, Any
         "result_json": None,
         "error_json": None,
         "cancel_requested": False,
+        "sensitive": body.sensitive,
         "trace_parent": tracing.task_created(task_id, body.pool, target),
         "created_at": now,
         "started_at": None,
@@ -585,14 +597,22 @@ def _state_filter(state: str) -> TaskState:
 
 
 async def list_tasks(
-    rt: Runtime, *, pool: str | None = None, state: str | None = None, limit: int = 100
+    rt: Runtime,
+    *,
+    pool: str | None = None,
+    state: str | None = None,
+    idempotency_key: str | None = None,
+    limit: int = 100,
 ) -> list[TaskView]:
-    """Tasks, newest first, optionally of one pool and/or in one state."""
+    """Tasks, newest first, optionally of one pool, in one state and/or with one idempotency
+    key (a restarted scheduler finds its tasks by key; the unique (pool, key) index serves it)."""
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise Invalid(f"limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")
     query = select(Task)
     if state is not None:
         query = query.where(Task.state == _state_filter(state).value)
+    if idempotency_key is not None:
+        query = query.where(Task.idempotency_key == idempotency_key)
     async with rt.sessions() as session:
         if pool is not None:
             await _check_pools(rt, session, [pool])

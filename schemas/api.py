@@ -90,6 +90,8 @@ class SubmitTask(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_
     idempotency_key: str | None = None
     secrets: list[str] = []
     """Names of secrets the agent resolves from its own backend (values never reach us)."""
+    sensitive: bool = False
+    """The arguments (``args``, ``kwargs``, a command's argv) are not shown to viewer keys."""
 
 
 class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -121,6 +123,34 @@ class TaskView(msgspec.Struct, kw_only=True):
     log_ref: str = ""
     """Where that agent keeps the whole log (``rexec logs ID`` fetches it through the agent)."""
     secrets: list[str] = []
+    sensitive: bool = False
+    """Submitted as sensitive: a viewer key gets ``args``, ``kwargs`` and ``argv`` empty."""
+
+
+MAX_CHANGES = 1000
+"""Most changes one read of the change feed returns."""
+
+
+class TaskChange(msgspec.Struct, kw_only=True):
+    """One applied state transition of a task (a row of ``task_transitions``)."""
+
+    seq: int
+    """The transition's sequence number: read on with ``after=<seq>``."""
+    task_id: str
+    attempt: int
+    state: TaskState
+    """The state the task entered."""
+    at: float
+    agent_id: str | None
+    reason: str | None
+    idempotency_key: str | None
+
+
+class TaskChanges(msgspec.Struct, kw_only=True):
+    cursor: int
+    """Pass as ``after`` to read on: the last change's ``seq``, or ``after`` when none came."""
+    changes: list[TaskChange]
+    """Oldest first."""
 
 
 class SubmitBatchResult(msgspec.Struct, kw_only=True):

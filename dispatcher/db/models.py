@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -110,6 +111,7 @@ class Agent(Base):
 class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
+        # Also the index of lookups by key (``GET /v1/tasks?pool=&idempotency_key=``).
         UniqueConstraint("pool", "idempotency_key", name="uq_tasks_pool_idempotency_key"),
         Index("ix_tasks_pool_state", "pool", "state"),
         Index("ix_tasks_state", "state"),
@@ -135,6 +137,8 @@ class Task(Base):
     result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Its arguments are not shown to viewer API keys (they are stored and sent as any)."""
     trace_parent: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """W3C ``traceparent`` of the task's creation: every span of the task joins its trace."""
     created_at: Mapped[float] = mapped_column(Double)

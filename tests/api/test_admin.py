@@ -240,6 +240,7 @@ async def test_openapi_lists_every_route(api: httpx.AsyncClient) -> None:
         "/v1/tasks": {"get", "post"},
         "/v1/tasks/batch": {"post"},
         "/v1/tasks/wait": {"post"},
+        "/v1/tasks/changes": {"get"},
         "/v1/tasks/{task_id}": {"get"},
         "/v1/tasks/{task_id}/cancel": {"post"},
         "/v1/tasks/{task_id}/history": {"get"},
