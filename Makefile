@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.rexec-installed
 
 # Only the folders that exist (an empty folder is not in a fresh clone).
-CODE_DIRS := $(wildcard rexec schemas dispatcher worker client tests demo bench)
+CODE_DIRS := $(wildcard rexec schemas dispatcher worker client integrations tests demo bench)
 PYTEST_WORKERS ?= 2
 PYTEST_DEADLINE ?= 1500
 PYTEST_ARGS ?=
@@ -35,11 +35,22 @@ CHARTS := rexec-agent rexec
 K8S_VERSIONS ?= 1.27 1.35
 RENDERED := .cache/deploy-check
 
-.PHONY: help venv services lint typecheck test pytest demo bench format clean deploy-check helm
+# Apache Airflow 3 for rexec.airflow (integrations/airflow/) and tests/airflow: its own venv, since
+# Airflow pins much of what rexec uses. The pins live here only; uv installs them (and rexec
+# editable with its `airflow` extra) from its cache in $(UV_CACHE), so a rebuild takes seconds.
+AIRFLOW_PINS := apache-airflow==3.3.2 apache-airflow-task-sdk==1.3.2 mypy>=1.10
+AIRFLOW_VENV := .venv-airflow
+# Holds the pins it was built with: a change of AIRFLOW_PINS (or of pyproject.toml) rebuilds it.
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.rexec-installed
+UV_CACHE := $(HOME)/.cache/uv
+# tests/airflow start Airflow from this venv's bin/airflow.
+export REXEC_AIRFLOW_VENV := $(abspath $(AIRFLOW_VENV))
+
+.PHONY: help venv airflow-venv services lint typecheck test pytest demo bench format clean deploy-check helm
 
 help: ## list the targets
 	@echo "rexec: make <target>"
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "variables: PYTHON=$(PYTHON) VENV=$(VENV) PYTEST_WORKERS=$(PYTEST_WORKERS) PYTEST_DEADLINE=$(PYTEST_DEADLINE) PYTEST_ARGS=..."
 
 venv: $(STAMP) ## create .venv and install rexec with its dev tools (fast when up to date)
@@ -54,6 +65,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -qq --disable-pip-version-check -e '.[dev]'
 	@touch '$@'
 
+airflow-venv: $(AIRFLOW_STAMP) ## create .venv-airflow: Airflow 3 with rexec editable (fast when up to date)
+
+ifneq ($(shell cat '$(AIRFLOW_STAMP)' 2>/dev/null),$(AIRFLOW_PINS))
+$(AIRFLOW_STAMP): FORCE
+endif
+$(AIRFLOW_STAMP): pyproject.toml | $(STAMP)
+	@if [ -z '$(PYTHON)' ]; then echo "no python3 on PATH: install Python 3.11 (Debian: apt-get install -y python3 python3-venv)" >&2; exit 1; fi
+	@echo "building $(AIRFLOW_VENV): $(AIRFLOW_PINS) (uv cache: $(UV_CACHE))"
+	@rm -rf '$(AIRFLOW_VENV)'
+	@UV_CACHE_DIR='$(UV_CACHE)' UV_PYTHON_DOWNLOADS=never $(BIN)/uv venv --quiet \
+		--python "$$($(PYTHON) -c 'import sys; print(sys.executable)')" '$(AIRFLOW_VENV)'
+	@# editables: hatchling's editable wheel needs it at run time, but uv reads rexec's
+	@# dependencies from pyproject.toml and so never sees that requirement.
+	@UV_CACHE_DIR='$(UV_CACHE)' $(BIN)/uv pip install --quiet --python '$(AIRFLOW_VENV)/bin/python' \
+		$(foreach pin,$(AIRFLOW_PINS),'$(pin)') 'editables~=0.3' -e '.[airflow]'
+	@out=$$($(AIRFLOW_VENV)/bin/python -c 'import airflow.sdk, rexec' 2>&1) && [ -z "$$out" ] \
+		|| { echo "$$out" >&2; echo "$(AIRFLOW_VENV): import airflow.sdk, rexec failed" >&2; exit 1; }
+	@echo '$(AIRFLOW_PINS)' >'$@'
+
+FORCE:
+
 services: ## check RabbitMQ, Redis and PostgreSQL answer; start any that is installed but stopped
 	@bash scripts/services.sh
 
@@ -63,8 +95,9 @@ lint: venv ## ruff format --check and ruff check
 	$(BIN)/ruff check $(CODE_DIRS) || rc=1; \
 	exit $$rc
 
-typecheck: venv ## mypy --strict on the packages listed in pyproject's [tool.mypy]
+typecheck: venv airflow-venv ## mypy --strict: rexec in .venv, rexec.airflow in .venv-airflow (it needs Airflow)
 	$(BIN)/mypy
+	$(AIRFLOW_VENV)/bin/mypy --config-file integrations/airflow/mypy.ini
 
 test: venv services ## lint, typecheck, deploy-check, then the whole test suite against the real services
 	@$(MAKE) lint
@@ -74,7 +107,7 @@ test: venv services ## lint, typecheck, deploy-check, then the whole test suite 
 
 # pytest exits 5 when it collected no tests: that is a failure too (make fails on any non-zero).
 # The whole run is bounded: a wedged service fails it in PYTEST_DEADLINE seconds, not CI's 90 minutes.
-pytest: venv ## only the test suite (PYTEST_ARGS='-k name' to pick; services must be up)
+pytest: venv airflow-venv ## only the test suite (PYTEST_ARGS='-k name' to pick; services must be up)
 	@rc=0; \
 	timeout --signal=TERM --kill-after=30 $(PYTEST_DEADLINE) \
 		$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS) || rc=$$?; \
@@ -141,6 +174,6 @@ format: venv ## ruff format and ruff check --fix
 	$(BIN)/ruff check --fix $(CODE_DIRS)
 
 clean: ## remove .venv, caches and SQLite files
-	rm -rf '$(VENV)' .mypy_cache .ruff_cache .pytest_cache .demo
+	rm -rf '$(VENV)' '$(AIRFLOW_VENV)' .mypy_cache .ruff_cache .pytest_cache .demo
 	find . -path ./.git -prune -o \( -name __pycache__ -o -name '*.egg-info' \) -type d -prune -exec rm -rf {} +
 	find . -path ./.git -prune -o -type f \( -name '*.db' -o -name '*.db-wal' -o -name '*.db-shm' \) -exec rm -f {} +

@@ -11,6 +11,7 @@ in ``rexec/`` to the top-level folders (the first test checks that it saw every 
   of the imports inside functions come from ``ast``.
 - ``rexec.dispatcher`` and ``rexec.worker`` never import each other, nor the worker the client:
   the two planes share only ``rexec.schemas``. ``rexec.schemas`` imports none of the other three.
+  ``rexec.airflow``'s executor is a client and its runner task code; none of rexec imports it.
   Here every import counts, in a function too, directly or through other modules.
 """
 
@@ -30,7 +31,7 @@ import rexec
 
 ROOT = "rexec"
 PACKAGE_DIR = Path(rexec.__file__).parent
-SUBPACKAGES = ("rexec.client", "rexec.dispatcher", "rexec.schemas", "rexec.worker")
+SUBPACKAGES = ("rexec.airflow", "rexec.client", "rexec.dispatcher", "rexec.schemas", "rexec.worker")
 
 Edge = tuple[str, str]
 
@@ -153,6 +154,16 @@ def test_no_import_cycles(package: str) -> None:
         ("rexec.schemas", "rexec.dispatcher"),
         ("rexec.schemas", "rexec.worker"),
         ("rexec.schemas", "rexec.client"),
+        # Airflow's side: the executor and the log reader are API clients, the runner is task
+        # code on an agent; nothing of rexec's own imports Airflow's integration.
+        ("rexec.airflow", "rexec.dispatcher"),
+        ("rexec.airflow.executor", "rexec.worker"),
+        ("rexec.airflow.logs", "rexec.worker"),
+        ("rexec.airflow.runner", "rexec.client"),
+        ("rexec.dispatcher", "rexec.airflow"),
+        ("rexec.worker", "rexec.airflow"),
+        ("rexec.client", "rexec.airflow"),
+        ("rexec.schemas", "rexec.airflow"),
     ],
 )
 def test_forbidden_imports(importer: str, imported: str) -> None:
