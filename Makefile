@@ -46,7 +46,7 @@ UV_CACHE := $(HOME)/.cache/uv
 # tests/airflow start Airflow from this venv's bin/airflow.
 export REXEC_AIRFLOW_VENV := $(abspath $(AIRFLOW_VENV))
 
-.PHONY: help venv airflow-venv services lint typecheck test pytest demo bench format clean deploy-check helm
+.PHONY: help venv airflow-venv services lint typecheck test pytest demo airflow-demo bench format clean deploy-check helm
 
 help: ## list the targets
 	@echo "rexec: make <target>"
@@ -163,6 +163,9 @@ deploy-check: venv $(HELM) ## lint, render and validate the Helm charts; validat
 
 demo: venv services ## run the demo: a dispatcher, two agents, a few thousand tasks
 	$(BIN)/python -m demo.run
+
+airflow-demo: venv airflow-venv services ## Airflow 3 runs a fan-out DAG on two rexec agents; per task queued-to-running and run time
+	$(BIN)/python -m demo.airflow
 
 bench: venv services ## benchmarks: rexec beside Celery, Dramatiq and bare aio-pika (slow; not in test)
 	$(BIN)/python -m pip install -qq --disable-pip-version-check -r bench/requirements.txt
