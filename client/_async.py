@@ -96,11 +96,13 @@ class AsyncRexecClient:
         idempotency_key: str | None = None,
         secrets: Sequence[str] = (),
         sensitive: bool = False,
+        final_exit_codes: Sequence[int] = (),
     ) -> TaskView:
         """Submit ``target`` (``module:function``) or ``command`` (argv) to ``pool``.
 
         ``secrets``: names the agent resolves from its own backend; values never leave it.
-        ``sensitive``: viewer API keys are not shown the task's arguments."""
+        ``sensitive``: viewer API keys are not shown the task's arguments.
+        ``final_exit_codes``: a command's exit codes that fail it with no further attempt."""
         body = _calls.submit_body(
             pool,
             target,
@@ -114,6 +116,7 @@ class AsyncRexecClient:
             idempotency_key,
             secrets,
             sensitive,
+            final_exit_codes,
         )
         return await self._run(_calls.submit(body))
 

@@ -300,6 +300,7 @@ def submit_body(
     idempotency_key: str | None,
     secrets: Sequence[str] = (),
     sensitive: bool = False,
+    final_exit_codes: Sequence[int] = (),
 ) -> SubmitTask:
     return SubmitTask(
         pool=pool,
@@ -314,6 +315,7 @@ def submit_body(
         idempotency_key=idempotency_key,
         secrets=list(secrets),
         sensitive=sensitive,
+        final_exit_codes=list(final_exit_codes),
     )
 
 

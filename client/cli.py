@@ -115,6 +115,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def exit_code(text: str) -> int:
+    value = positive_int(text)
+    if value > 255:
+        raise argparse.ArgumentTypeError(f"an exit code is 1 to 255, got {text}")
+    return value
+
+
 def json_value(option: str, text: str | None, kind: type[list[Any]] | type[dict[str, Any]]) -> Any:
     if text is None:
         return kind()
@@ -308,6 +315,8 @@ def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
         if args.args is not None or args.kwargs is not None:
             raise UsageError("--args and --kwargs apply to a TARGET, not to --command")
         command = list(args.argv)
+    elif args.final_exit_codes:
+        raise UsageError("--final-exit-code applies to --command tasks, not to a TARGET")
     elif len(args.argv) != 1:
         raise UsageError(
             "give one TARGET (module:function), or --command -- argv... for a command task"
@@ -329,6 +338,7 @@ def cmd_submit(args: argparse.Namespace, ctx: Context) -> int:
         idempotency_key=args.key,
         secrets=args.secrets,
         sensitive=args.sensitive,
+        final_exit_codes=args.final_exit_codes,
     )
     sys.stdout.write(task.id + "\n")
     return 0
@@ -610,6 +620,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--sensitive",
         action="store_true",
         help="hide the task's arguments from viewer API keys",
+    )
+    p.add_argument(
+        "--final-exit-code",
+        dest="final_exit_codes",
+        action="append",
+        default=[],
+        type=exit_code,
+        metavar="CODE",
+        help="a --command exit code that fails the task with no retry; repeatable",
     )
 
     p = command(commands, "status", cmd_status, "one task in detail", [json_flag])

@@ -41,6 +41,8 @@ class Messaged(Protocol):
     @property
     def secrets_json(self) -> str | None: ...
     @property
+    def final_exit_codes_json(self) -> str | None: ...
+    @property
     def timeout(self) -> float | None: ...
     @property
     def expires_at(self) -> float | None: ...
@@ -62,6 +64,7 @@ def task_message(task: Messaged, attempt: int) -> messages.TaskMessage:
         expires_at=task.expires_at,
         submitted_at=task.created_at,
         secrets=_json.decode(task.secrets_json or "[]"),
+        final_exit_codes=_json.decode(task.final_exit_codes_json or "[]"),
     )
 
 
@@ -83,6 +86,7 @@ class Due(NamedTuple):
     args_json: str
     kwargs_json: str
     secrets_json: str | None
+    final_exit_codes_json: str | None
     timeout: float | None
     expires_at: float | None
     created_at: float
@@ -113,6 +117,7 @@ DUE_COLUMNS = (
     Task.args_json,
     Task.kwargs_json,
     Task.secrets_json,
+    Task.final_exit_codes_json,
     Task.timeout,
     Task.expires_at,
     Task.created_at,

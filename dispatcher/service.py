@@ -166,6 +166,7 @@ def task_view(task: Task) -> TaskView:
         log_tail=task.log_tail or "",
         log_ref=task.log_ref or "",
         sensitive=task.sensitive,
+        final_exit_codes=_decoder.decode(task.final_exit_codes_json or "[]"),
     )
 
 
@@ -288,6 +289,11 @@ def _task_row(body: SubmitTask, settings: Settings, now: float) -> dict[str, Any
         validate_secret_names(body.secrets)
     except ValueError as exc:
         raise Invalid(str(exc)) from None
+    if body.final_exit_codes and kind != "command":
+        raise Invalid(
+            "final_exit_codes applies to command tasks only: a function task fails for good "
+            "by raising rexec.worker.context.NonRetryable"
+        )
     task_id = uuid.uuid4().hex
     return {
         "id": task_id,
@@ -310,6 +316,9 @@ def _task_row(body: SubmitTask, settings: Settings, now: float) -> dict[str, Any
         "error_json": None,
         "cancel_requested": False,
         "sensitive": body.sensitive,
+        "final_exit_codes_json": _json_text(sorted(set(body.final_exit_codes)))
+        if body.final_exit_codes
+        else None,
         "trace_parent": tracing.task_created(task_id, body.pool, target),
         "created_at": now,
         "started_at": None,

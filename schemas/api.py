@@ -41,6 +41,9 @@ Timeout = Annotated[float, msgspec.Meta(ge=MIN_TIMEOUT, le=MAX_TIMEOUT)]
 ExpiresIn = Annotated[float, msgspec.Meta(ge=MIN_TIMEOUT, le=MAX_EXPIRES_IN)]
 RunningLimit = Annotated[int, msgspec.Meta(ge=1, le=MAX_RUNNING)]
 CredentialLifetime = Annotated[float, msgspec.Meta(gt=0, le=MAX_CREDENTIAL_LIFETIME)]
+ExitCode = Annotated[int, msgspec.Meta(ge=1, le=255)]
+MAX_FINAL_EXIT_CODES = 32
+"""Most exit codes one command task may name as final."""
 
 
 class TaskState(enum.StrEnum):
@@ -92,6 +95,9 @@ class SubmitTask(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_
     """Names of secrets the agent resolves from its own backend (values never reach us)."""
     sensitive: bool = False
     """The arguments (``args``, ``kwargs``, a command's argv) are not shown to viewer keys."""
+    final_exit_codes: Annotated[list[ExitCode], msgspec.Meta(max_length=MAX_FINAL_EXIT_CODES)] = []
+    """Exit codes of a command task that fail it for good, with no further attempt (a usage
+    error, a refusal that no retry can change); any other non-zero code is retried."""
 
 
 class SubmitBatch(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -125,6 +131,7 @@ class TaskView(msgspec.Struct, kw_only=True):
     secrets: list[str] = []
     sensitive: bool = False
     """Submitted as sensitive: a viewer key gets ``args``, ``kwargs`` and ``argv`` empty."""
+    final_exit_codes: list[int] = []
 
 
 MAX_CHANGES = 1000

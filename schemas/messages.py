@@ -64,6 +64,8 @@ class TaskMessage(
     submitted_at: float = 0.0
     secrets: list[str] = []
     """Names of the secrets the agent resolves locally for this task; never their values."""
+    final_exit_codes: list[int] = []
+    """A command task's exit codes that end it for good (not retried)."""
 
 
 class _Event(

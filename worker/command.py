@@ -19,7 +19,7 @@ agent error.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -70,18 +70,22 @@ async def run_command(
     *,
     env: Mapping[str, str] | None = None,
     children: ChildPool | None = None,
+    final_exit_codes: Collection[int] = (),
 ) -> protocol.Outcome:
     """Run to completion in one of ``children``; on cancellation (timeout, cancel) the child
     stops the command and everything it started (SIGTERM, the grace, SIGKILL) first.
 
     ``sink`` gets each piece of output with its stream; ``env`` is the environment (default:
-    the agent's, minus its credentials). Without ``children`` a pool of one is started for
-    the call (it costs a Python start)."""
+    the agent's, minus its credentials). A non-zero exit code fails the attempt, retryably
+    unless it is one of ``final_exit_codes``. Without ``children`` a pool of one is started
+    for the call (it costs a Python start)."""
     if children is None:
         from .children import open_child_pool
 
         async with open_child_pool(1, 1 << 20) as pool:
-            return await run_command(argv, sink, env=env, children=pool)
+            return await run_command(
+                argv, sink, env=env, children=pool, final_exit_codes=final_exit_codes
+            )
     tail: list[str] = []
     size = 0
 
@@ -105,7 +109,11 @@ async def run_command(
     code = msgspec.json.decode(outcome.result, type=int)
     output = "".join(tail)[-OUTPUT_TAIL:]
     if code != 0:
+        final = code in final_exit_codes
         return protocol.failure(
-            "CommandFailed", f"exit code {code}", traceback=output, retryable=True
+            "CommandFailed",
+            f"exit code {code}" + (" (a final exit code: not retried)" if final else ""),
+            traceback=output,
+            retryable=not final,
         )
     return protocol.success(_json.encode({"exit_code": code, "output": output}))

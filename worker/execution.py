@@ -91,7 +91,13 @@ class Executor:
             if task.kind == "command":
                 env = task_environment(hidden_prefixes=self.hidden_env)
                 env.update(secrets)
-                return await run_command(task.argv, sink, env=env, children=self.children)
+                return await run_command(
+                    task.argv,
+                    sink,
+                    env=env,
+                    children=self.children,
+                    final_exit_codes=task.final_exit_codes,
+                )
             return await self.children.call(
                 protocol.Call(
                     target=task.target, args=task.args, kwargs=task.kwargs, secrets=secrets

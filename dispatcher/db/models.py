@@ -138,6 +138,8 @@ class Task(Base):
     error_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    final_exit_codes_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """A command task's exit codes that fail it for good (a JSON list; none when NULL)."""
     """Its arguments are not shown to viewer API keys (they are stored and sent as any)."""
     trace_parent: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """W3C ``traceparent`` of the task's creation: every span of the task joins its trace."""

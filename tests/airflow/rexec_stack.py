@@ -161,8 +161,9 @@ class RexecStack:
         tells Airflow before the agent tells rexec."""
         task_id = self.task_of(ti).id
         ended: TaskView = wait_until(
-            lambda: (view := self.client.get(task_id)).state.value not in {"queued", "running"}
-            and view,
+            lambda: (
+                (view := self.client.get(task_id)).state.value not in {"queued", "running"} and view
+            ),
             timeout=timeout,
             what=f"rexec task {task_id} ended",
         )

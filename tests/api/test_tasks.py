@@ -120,6 +120,9 @@ async def test_submit_command(api: httpx.AsyncClient, pool: str) -> None:
         ({"target": "a:b", "expires_in": -1}, 422, "expires_in must be at least 0.001"),
         ({"target": "a:b", "retry_backoff": -1}, 422, "retry_backoff"),
         ({"target": "a:b", "colour": "red"}, 400, "unknown field `colour`"),
+        ({"target": "a:b", "final_exit_codes": [3]}, 422, "applies to command tasks only"),
+        ({"command": ["ls"], "final_exit_codes": [0]}, 422, "final_exit_codes"),
+        ({"command": ["ls"], "final_exit_codes": [256]}, 422, "final_exit_codes"),
     ],
 )
 async def test_submit_refuses_bad_input(

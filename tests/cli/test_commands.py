@@ -100,7 +100,18 @@ async def test_cli_commands(
     assert code == 0 and len(task_id) == 32 and out == task_id + "\n"
     code, out, _ = await rexec("submit", "--pool", pool_name, "jobs.math:add", "--key", "k1")
     assert out.strip() == task_id  # same idempotency key, same task
-    code, out, _ = await rexec("submit", "--pool", pool_name, "--command", "--", "ls", "-l", "/tmp")
+    code, out, _ = await rexec(
+        "submit",
+        "--pool",
+        pool_name,
+        "--final-exit-code",
+        "2",
+        "--command",
+        "--",
+        "ls",
+        "-l",
+        "/tmp",
+    )
     command_id = out.strip()
     code, _, err = await rexec("submit", "--pool", "no-such-pool", "a:b")
     assert code == 1 and "rexec: error: unknown pool 'no-such-pool'" in err
@@ -110,6 +121,7 @@ async def test_cli_commands(
     assert status["max_attempts"] == 2 and status["timeout"] == 30
     command = await rexec.json("status", command_id)
     assert command["kind"] == "command" and command["argv"] == ["ls", "-l", "/tmp"]
+    assert command["final_exit_codes"] == [2]
     code, out, _ = await rexec("status", task_id)
     assert code == 0 and "jobs.math:add" in out and "queued" in out
 

@@ -25,6 +25,8 @@ UNREACHABLE = f"http://127.0.0.1:{free_port()}"
         (["submit", "--pool", "p", "a:b", "c:d"], "give one TARGET"),
         (["submit", "--pool", "p", "--command"], "--command needs the argv"),
         (["submit", "--pool", "p", "--command", "--args", "[]", "--", "ls"], "not to --command"),
+        (["submit", "--pool", "p", "m:f", "--final-exit-code", "3"], "applies to --command"),
+        (["submit", "--pool", "p", "--final-exit-code", "256", "--command", "--", "x"], "1 to 255"),
         (["submit", "m:f"], "the following arguments are required: --pool"),
         (["submit", "--pool", "p", "m:f", "--timeout", "0"], "argument --timeout"),
         (["submit", "--pool", "p", "m:f", "--max-attempts", "0"], "argument --max-attempts"),

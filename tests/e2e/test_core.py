@@ -67,6 +67,31 @@ def test_many_tasks_in_two_pools_complete_exactly_once(plane: Plane, pool_name: 
         assert [h.to_state for h in client.history(task.id)].count("succeeded") == 1
 
 
+def test_a_final_exit_code_fails_a_command_task_with_no_retry(plane: Plane, pool_name: str) -> None:
+    """A command exits with a code its task names as final: failed at its first attempt. Any
+    other non-zero code is retried as before."""
+    client = plane.client
+    client.create_pool(pool_name)
+    plane.start_agent(pool_name, "--allow", "sh")
+    final = client.submit(
+        pool_name, command=["sh", "-c", "exit 3"], final_exit_codes=[3, 64], max_attempts=3
+    )
+    other = client.submit(
+        pool_name,
+        command=["sh", "-c", "exit 4"],
+        final_exit_codes=[3],
+        max_attempts=2,
+        retry_backoff=0,
+    )
+    done = {t.id: t for t in client.wait([final.id, other.id], timeout=60)}
+    assert (done[final.id].state, done[final.id].attempt) == (TaskState.FAILED, 1)
+    assert done[final.id].final_exit_codes == [3, 64]
+    error = done[final.id].error or {}
+    assert error["type"] == "CommandFailed", error
+    assert error["message"] == "exit code 3 (a final exit code: not retried)"
+    assert (done[other.id].state, done[other.id].attempt) == (TaskState.FAILED, 2)
+
+
 def test_cancel_a_running_task_and_a_queued_one(plane: Plane, pool_name: str) -> None:
     client = plane.client
     client.create_pool(pool_name)
