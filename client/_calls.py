@@ -73,6 +73,13 @@ class Call(Generic[T]):
     body: bytes | None = None
     timeout: float | None = None
     """Seconds to wait for the answer, when longer than usual (long-polls)."""
+    replayable: bool | None = None
+    """Sending it twice does what sending it once does (None: only a GET is): a call the
+    connection failed under is sent again."""
+
+    @property
+    def may_resend(self) -> bool:
+        return self.method == "GET" if self.replayable is None else self.replayable
 
     def request(self, client: httpx.Client | httpx.AsyncClient) -> httpx.Request:
         headers = {"content-type": "application/json"} if self.body is not None else {}
@@ -92,6 +99,26 @@ class Call(Generic[T]):
         if response.is_success:
             return self.decode(response.content)
         raise error_from(response)
+
+
+RESEND_DELAYS = (0.05, 0.25)
+"""Seconds before each new send of a call whose connection failed (one per retry)."""
+
+
+def resend_delay(call: Call[Any], exc: httpx.TransportError, sent: int) -> float | None:
+    """Seconds to wait before sending ``call`` again after ``exc`` on its ``sent``-th send;
+    None: raise. A keep-alive connection the server closed as the request left, or one reset
+    under load, fails a call that would succeed on a fresh one. A call that may have reached
+    the server is sent again only if it is replayable (a read, a submit with an idempotency
+    key); one that failed to connect reached nothing. Timeouts are not retried: the server is
+    slow, and a second send would only add to its load."""
+    if sent > len(RESEND_DELAYS) or isinstance(exc, httpx.TimeoutException):
+        return None
+    if tls.certificate_problem(exc) is not None:
+        return None
+    if not (call.may_resend or isinstance(exc, httpx.ConnectError)):
+        return None
+    return RESEND_DELAYS[sent - 1]
 
 
 def error_from(response: httpx.Response) -> RexecError:
@@ -158,12 +185,22 @@ def _params(**values: Param | None) -> dict[str, Param]:
 
 
 def submit(body: SubmitTask) -> Call[TaskView]:
-    return Call("POST", _v1("tasks"), _task, body=_encoder.encode(body))
+    return Call(
+        "POST",
+        _v1("tasks"),
+        _task,
+        body=_encoder.encode(body),
+        replayable=body.idempotency_key is not None,
+    )
 
 
 def submit_batch(tasks: Sequence[SubmitTask]) -> Call[SubmitBatchResult]:
     return Call(
-        "POST", _v1("tasks", "batch"), _batch, body=_encoder.encode(SubmitBatch(tasks=list(tasks)))
+        "POST",
+        _v1("tasks", "batch"),
+        _batch,
+        body=_encoder.encode(SubmitBatch(tasks=list(tasks))),
+        replayable=all(task.idempotency_key is not None for task in tasks),
     )
 
 
@@ -175,7 +212,12 @@ def wait_many(task_ids: Sequence[str], deadline: float | None) -> Call[WaitResul
     wait = poll_wait(deadline)
     body = _encoder.encode(WaitTasks(ids=list(task_ids), wait=wait))
     return Call(
-        "POST", _v1("tasks", "wait"), _wait_result, body=body, timeout=wait + DEFAULT_TIMEOUT
+        "POST",
+        _v1("tasks", "wait"),
+        _wait_result,
+        body=body,
+        timeout=wait + DEFAULT_TIMEOUT,
+        replayable=True,
     )
 
 

@@ -72,11 +72,18 @@ class RexecClient:
         self.close()
 
     def _run(self, call: Call[T]) -> T:
-        try:
-            response = self._http.send(call.request(self._http))
-        except httpx.TransportError as exc:
-            raise _calls.unreachable(self.base_url, exc) from exc
-        return call.result(response)
+        sent = 0
+        while True:
+            sent += 1
+            try:
+                response = self._http.send(call.request(self._http))
+            except httpx.TransportError as exc:
+                delay = _calls.resend_delay(call, exc, sent)
+                if delay is None:
+                    raise _calls.unreachable(self.base_url, exc) from exc
+                time.sleep(delay)
+                continue
+            return call.result(response)
 
     # tasks
 
