@@ -176,6 +176,7 @@ class RexecExecutor(BaseExecutor):
         self._keys: dict[str, TaskInstanceKey] = {}
         """Idempotency key -> the try it runs, for the tries this executor tracks."""
         self._task_ids: dict[TaskInstanceKey, str] = {}
+        self._idempotency_keys: dict[TaskInstanceKey, str] = {}
 
     @property
     def settings(self) -> config.ExecutorConfig:
@@ -262,6 +263,7 @@ class RexecExecutor(BaseExecutor):
 
     def _track(self, key: TaskInstanceKey, idem: str, task_id: str) -> None:
         self._keys[idem] = key
+        self._idempotency_keys[key] = idem
         self._task_ids[key] = task_id
         self.running.add(key)
         if self._feed is not None:
@@ -271,9 +273,9 @@ class RexecExecutor(BaseExecutor):
         task_id = self._task_ids.pop(key, None)
         if task_id is not None and self._feed is not None:
             self._feed.forget(task_id)
-        for idem, tracked in list(self._keys.items()):
-            if tracked == key:
-                del self._keys[idem]
+        idem = self._idempotency_keys.pop(key, None)
+        if idem is not None:
+            self._keys.pop(idem, None)
         return task_id
 
     # states
