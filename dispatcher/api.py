@@ -57,7 +57,7 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 from prometheus_client import CONTENT_TYPE_LATEST
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from rexec.schemas import api as api_schemas
 from rexec.schemas import tracing
@@ -92,7 +92,7 @@ from rexec.schemas.api import (
     WaitTasks,
 )
 
-from . import apikeys, audit, auth, changes, gauges, logaccess, service
+from . import apikeys, audit, auth, changes, gauges, logaccess, outages, service
 from .nesting import MAX_BODY_DEPTH, text_deeper_than
 from .ratelimit import RateLimited, SubmitLimiter
 from .runtime import Runtime
@@ -593,6 +593,8 @@ _DATA_PROBLEMS = {
 def _on_database_error(request: Request[Any, Any, Any], exc: DBAPIError) -> Response[ErrorBody]:
     """A value the database refused to store or compare (PostgreSQL: a NUL in a text, a text
     too long for its column): the request's fault, so a 422 that says which rule it broke."""
+    if outages.database_outage(exc):
+        return _on_database_outage(request, exc)
     code = getattr(exc.orig, "sqlstate", None)
     if not (isinstance(code, str) and code.startswith("22")):
         return _on_internal_error(request, exc)
@@ -603,6 +605,22 @@ def _on_database_error(request: Request[Any, Any, Any], exc: DBAPIError) -> Resp
     )
     return _error(
         HTTP_422_UNPROCESSABLE_ENTITY, f"a value of the request cannot be stored: {problem}"
+    )
+
+
+def _on_database_outage(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    """The metadata database is away (a restart, a failover) or the request met another
+    error that is none of its fault: a 503 saying so, which a client retries later."""
+    if not outages.database_outage(exc):
+        return _on_internal_error(request, exc)
+    log.warning(
+        "request refused: the database is unavailable",
+        extra={"method": request.method, "path": request.url.path, "error": repr(exc)[:300]},
+    )
+    return _error(
+        HTTP_503_SERVICE_UNAVAILABLE,
+        f"the metadata database is unavailable ({type(exc).__name__}): retry in a few "
+        "seconds (a submit retried with the same idempotency key is stored once)",
     )
 
 
@@ -952,6 +970,8 @@ def create_app(runtime: Runtime) -> Litestar:
             service.ServiceError: _on_service_error,
             HTTPException: _on_http_error,
             DBAPIError: _on_database_error,
+            SQLAlchemyError: _on_database_outage,
+            OSError: _on_database_outage,
             Exception: _on_internal_error,
         },
         request_class=JsonRequest,

@@ -27,3 +27,24 @@ def retry_delay(base: float, failed_attempt: int, rng: random.Random | None = No
     else:
         delay = min(MAX_DELAY, math.ldexp(base, doublings))
     return delay / 2 + (rng or _RNG).uniform(0, delay / 2)
+
+
+class Backoff:
+    """Delays between the rounds of a loop that keeps failing (an outage): doubling from
+    ``base`` up to ``cap``, jittered, so replicas do not retry in step; ``reset`` after a round
+    that worked. The cap is short: the loop must resume soon after the outage ends."""
+
+    def __init__(
+        self, base: float = 0.25, cap: float = 2.0, rng: random.Random | None = None
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self.failures = 0
+        self._rng = rng
+
+    def next(self) -> float:
+        self.failures += 1
+        return min(self.cap, retry_delay(self.base, self.failures, self._rng))
+
+    def reset(self) -> None:
+        self.failures = 0

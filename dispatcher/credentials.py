@@ -21,19 +21,23 @@ from typing import Any, cast
 
 import anyio
 from redis.exceptions import RedisError
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 
 from rexec.schemas.api import ScopedCredentials
 
+from .backoff import Backoff
 from .db.models import Agent
 from .management import Management, ManagementError
+from .outages import LoopHealth, database_outage
 from .runtime import Runtime
 
 log = logging.getLogger("rexec.credentials")
 
 LOST_AGENT_KEEP = 3600.0
-"""Seconds a lost agent keeps its credentials: a hung agent that wakes up must still reach
-Redis and its control queue to learn that its attempts were taken over, and stop them."""
+"""Seconds a lost agent keeps its credentials, counted from when the watchdog judged it lost
+(``Agent.lost_at``): a hung agent that wakes up must still reach Redis and its control queue
+to learn that its attempts were taken over, and stop them. One that heartbeats again keeps
+them past the window."""
 
 
 class CredentialsError(Exception):
@@ -139,26 +143,36 @@ async def _delete_redis_user(rt: Runtime, agent_id: str, user: str | None) -> No
 
 async def keep(rt: Runtime) -> None:
     """Forever: re-create the Redis users Redis lost, and retire those of long-lost agents."""
+    interval = rt.settings.watchdog_interval
+    health = LoopHealth("credential keeper", log, Backoff(base=interval, cap=max(interval, 5.0)))
     while True:
         try:
             await keep_once(rt)
         except (RedisError, OSError) as exc:
+            if database_outage(exc):
+                await health.wait(exc)
+                continue
             log.debug("credential keeper: Redis unreachable", extra={"error": str(exc)})
-        except Exception:
-            log.exception("credential keeper failed; trying again")
-        await anyio.sleep(rt.settings.watchdog_interval)
+        except Exception as exc:
+            await health.wait(exc)
+            continue
+        else:
+            health.ok()
+        await anyio.sleep(interval)
 
 
 async def keep_once(rt: Runtime) -> int:
     """One pass of the keeper; returns how many Redis users it re-created."""
     now = time.time()
+    # Agents judged lost before ``lost_at`` existed count from when they were last seen.
+    lost_since = func.coalesce(Agent.lost_at, Agent.last_seen_at, Agent.registered_at)
     async with rt.sessions.begin() as session:
         active = list(
             await session.scalars(
                 select(Agent).where(
                     Agent.redis_user.is_not(None),
                     Agent.credentials_withdrawn_at.is_(None),
-                    or_(Agent.state != "lost", Agent.last_seen_at > now - LOST_AGENT_KEEP),
+                    or_(Agent.state != "lost", lost_since > now - LOST_AGENT_KEEP),
                 )
             )
         )
@@ -167,11 +181,11 @@ async def keep_once(rt: Runtime) -> int:
                 Agent.redis_user.is_not(None),
                 Agent.credentials_withdrawn_at.is_(None),
                 Agent.state == "lost",
-                Agent.last_seen_at <= now - LOST_AGENT_KEEP,
+                lost_since <= now - LOST_AGENT_KEEP,
             )
         )
         retired_ids = list(retired)
-    await withdraw(rt, retired_ids, "agent lost for an hour")
+    await withdraw(rt, await _still_silent(rt, retired_ids), "agent lost for an hour")
     if not active:
         return 0
     present = {_text(u) for u in await _acl(rt, "USERS")}
@@ -192,6 +206,18 @@ async def keep_once(rt: Runtime) -> int:
             await _delete_redis_user(rt, agent_id, user)
     log.warning("re-created agents' Redis users that Redis lost", extra={"count": len(restored)})
     return len(restored)
+
+
+async def _still_silent(rt: Runtime, agent_ids: list[str]) -> list[str]:
+    """The agents without a heartbeat key: one judged lost that woke up and heartbeats
+    again is alive, and keeps its credentials. Raises while Redis is away: no judgement."""
+    if not agent_ids:
+        return []
+    async with rt.redis.pipeline(transaction=False) as pipe:
+        for agent_id in agent_ids:
+            pipe.exists(rt.keys.agent(agent_id))
+        alive = await pipe.execute()
+    return [agent_id for agent_id, beats in zip(agent_ids, alive, strict=True) if not beats]
 
 
 async def _acl(rt: Runtime, *args: str) -> Any:

@@ -115,7 +115,7 @@ class DirectPublisher:
                             .where(Outbox.id.in_(chunk))
                             .values(available_at=time.time())
                         )
-            except SQLAlchemyError as exc:
+            except (SQLAlchemyError, OSError) as exc:  # OSError: a refused connect (asyncpg)
                 # The rows stay: the relay publishes them when their lease ends (again, for
                 # the confirmed ones; agents drop those duplicates).
                 log.warning(

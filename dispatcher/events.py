@@ -9,7 +9,8 @@ agent, is dead-lettered with the reason. One whose handling raises (a bug, or a 
 database refuses) fails its batch; the batch is then applied message by message, and the one
 that raises again is dead-lettered with the error (``rexec_event_failures``), logged once, and
 acked: a restarted dispatcher does not meet it again. A broker or database outage is not the
-message's fault: it ends the consumer's channel as before, and every message is redelivered.
+message's fault: it ends the consumer's channel as before, every message is redelivered, and
+the consumer backs off until the outage ends (``outages.LoopHealth``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from opentelemetry.trace import SpanKind
 from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from rexec.schemas import messages, names, tracing
@@ -37,6 +36,7 @@ from rexec.schemas.api import MAX_NESTING, TaskState
 from . import credentials, statemachine, transitions
 from .db.models import Agent
 from .nesting import nested_deeper_than
+from .outages import LoopHealth, database_outage
 from .runtime import BROKER_ERRORS, Runtime
 
 log = logging.getLogger("rexec.events")
@@ -51,16 +51,18 @@ _json = msgspec.json.Encoder()
 
 
 async def run_events(rt: Runtime) -> None:
-    """Consume ``rexec.events`` forever, reopening the channel after an error."""
+    """Consume ``rexec.events`` forever, reopening the channel after an error: a broker or
+    database outage (the unacked events come back), or a bug, backed off and logged."""
+    health = LoopHealth("events consumer", log)
     while True:
         try:
-            await _consume(rt)
-        except BROKER_ERRORS as exc:
-            log.warning("events consumer lost its channel, reopening", extra={"error": str(exc)})
-            await anyio.sleep(0.5)
+            await _consume(rt, health)
+        except Exception as exc:
+            log.info("events consumer lost its channel, reopening", extra={"error": str(exc)})
+            await health.wait(exc)
 
 
-async def _consume(rt: Runtime) -> None:
+async def _consume(rt: Runtime, health: LoopHealth | None = None) -> None:
     channel = rt.connection.channel(publisher_confirms=True)
     try:
         await channel.initialize()
@@ -81,6 +83,8 @@ async def _consume(rt: Runtime) -> None:
                     break
             await handle_batch(rt, channel, batch)
             await batch[-1].ack(multiple=True)
+            if health is not None:
+                health.ok()  # a batch committed: an outage is over
     finally:
         await _discard(channel)
 
@@ -159,9 +163,7 @@ async def _apply_deliveries(
 def outage(rt: Runtime, channel: AbstractChannel, exc: Exception) -> bool:
     """Whether ``exc`` says the broker or the database is away (every message would fail
     alike, and succeed later), rather than that the message at hand cannot be handled."""
-    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+    if database_outage(exc):
         return True
     if isinstance(exc, RecursionError):
         return False

@@ -28,6 +28,7 @@ from rexec.schemas import messages, names, signing, tracing
 
 from . import limits
 from .db.models import Outbox, Pool, Task
+from .outages import LoopHealth
 from .outbox import DUE_COLUMNS, Due, task_message
 from .runtime import BROKER_ERRORS, Runtime
 
@@ -39,15 +40,18 @@ IDLE_POLL = 1.0
 
 
 async def run_relay(rt: Runtime) -> None:
+    """Publish due rows forever. A round that fails (broker or database away, or a bug) is
+    logged and tried again after a backoff: nothing a round meets ends the dispatcher."""
     await rt.tasks_exchange()  # a missing exchange fails start-up, not the first round
+    health = LoopHealth("relay", log)
     while True:
         rt.relay_wakeup = anyio.Event()
         try:
             published, next_due = await relay_once(rt, await rt.tasks_exchange())
-        except BROKER_ERRORS as exc:
-            log.warning("relay could not publish, will retry", extra={"error": str(exc)})
-            await anyio.sleep(0.5)
+        except Exception as exc:
+            await health.wait(exc)
             continue
+        health.ok()
         if published >= BATCH_SIZE:
             continue
         wait = IDLE_POLL if next_due is None else max(0.0, min(IDLE_POLL, next_due - time.time()))

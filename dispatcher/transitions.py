@@ -228,12 +228,24 @@ _ROW_COLUMNS = (
 )
 
 
+LOCK_CHUNK = 1000
+"""Ids per ``IN (...)`` of ``lock_rows``. A batch of events after an outage can name tens of
+thousands of tasks (1,000 messages of up to 500 events), past the 32,767 parameters asyncpg
+and SQLite take in one statement: that batch would fail again at each redelivery."""
+
+
 async def lock_rows(session: AsyncSession, task_ids: set[str]) -> dict[str, TaskRow]:
-    """The tasks' rows by id, locked for the transaction (``FOR UPDATE`` where supported)."""
-    result = await session.execute(
-        select(*_ROW_COLUMNS).where(Task.id.in_(task_ids)).with_for_update()
-    )
-    return {row[0]: TaskRow(*row) for row in result}
+    """The tasks' rows by id, locked for the transaction (``FOR UPDATE`` where supported),
+    in chunks taken in id order (so concurrent lockers meet them in the same order)."""
+    ordered = sorted(task_ids)
+    rows: dict[str, TaskRow] = {}
+    for start in range(0, len(ordered), LOCK_CHUNK):
+        chunk = ordered[start : start + LOCK_CHUNK]
+        result = await session.execute(
+            select(*_ROW_COLUMNS).where(Task.id.in_(chunk)).with_for_update()
+        )
+        rows.update((row.id, TaskRow(**row._asdict())) for row in result)
+    return rows
 
 
 def _table(model: type[Base]) -> Table:

@@ -31,15 +31,21 @@ from rexec.schemas import messages, names
 from rexec.schemas.api import TaskState
 
 from . import statemachine, transitions
+from .backoff import Backoff
 from .db.models import Agent, Outbox, Task
 from .leadership import LeaderLease
 from .management import close_agent_connections
+from .outages import LoopHealth
 from .runtime import Runtime
 
 log = logging.getLogger("rexec.watchdog")
 
 LEASE_TOMBSTONE_TTL = 86_400
 CLOSE_RETRY_FOR = 12.0
+EXPIRE_CHUNK = 500
+"""Queued tasks expired per transaction (one ``IN (...)`` parameter each)."""
+EXPIRE_CHUNKS = 20
+"""Chunks expired per tick at most: the rest wait a tick, and lost agents are not kept waiting."""
 AGENT_LOST_ERROR = (
     '{"type": "AgentLost", "message": "the agent running this attempt stopped heartbeating"}'
 )
@@ -127,18 +133,31 @@ class Watchdog:
         self._background: anyio.abc.TaskGroup
 
     async def run(self) -> None:
+        """Tick forever. A tick that fails (database away, or a bug) is logged once per
+        outage and tried again next interval: the watchdog pauses, it never stops."""
+        interval = self.rt.settings.watchdog_interval
+        health = LoopHealth("watchdog", log, Backoff(base=interval, cap=max(interval, 2.0)))
         try:
             async with anyio.create_task_group() as self._background:
                 while True:
                     try:
                         if await self.lease.acquire():
                             await self.tick()
-                    except Exception:
-                        log.exception("watchdog tick failed; trying again next interval")
-                    await anyio.sleep(self.rt.settings.watchdog_interval)
+                    except Exception as exc:
+                        await health.wait(exc)
+                        continue
+                    health.ok()
+                    await anyio.sleep(interval)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.lease.release()
+                await self._release()
+
+    async def _release(self) -> None:
+        """Hand the lead over on the way out, if the database lets us (else it expires)."""
+        try:
+            await self.lease.release()
+        except Exception as exc:
+            log.warning("could not release the watchdog's lead", extra={"error": repr(exc)})
 
     async def tick(self) -> None:
         await self.expire_queued()
@@ -208,6 +227,8 @@ class Watchdog:
                         requeued += decision.retry_in is not None
                 row = await session.get(Agent, agent_id)
                 if row is not None:
+                    if row.state != "lost":  # the credentials' keep window starts now
+                        row.lost_at = now
                     row.state = "lost"
                 await self.fence(session, "agent_lost")
         except _Deposed:
@@ -283,20 +304,36 @@ class Watchdog:
             self.rt.wake_relay()
 
     async def expire_queued(self) -> None:
-        """Queued tasks past their schedule-to-start limit (also in drained pools) expire."""
+        """Queued tasks past their schedule-to-start limit (also in drained pools) expire.
+
+        A chunk per transaction, at most ``EXPIRE_CHUNKS`` a tick: a backlog that expires at
+        once (100,000 tasks with one limit) was one ``IN (...)`` with a parameter per task,
+        past what the database takes, and the failing tick never reached ``requeue_lost``."""
+        for _ in range(EXPIRE_CHUNKS):
+            read, expired = await self._expire_chunk()
+            if read < EXPIRE_CHUNK or not expired:
+                return
+
+    async def _expire_chunk(self) -> tuple[int, int]:
+        """Expire the oldest-due chunk; return how many candidates it read, and expired."""
         now = time.time()
         expired: list[tuple[str, str]] = []
         try:
             async with self.rt.sessions.begin() as session:
                 if not await self.lease.still_held(session):
-                    return
-                candidates = await session.scalars(
-                    select(Task).where(
-                        Task.state == TaskState.QUEUED,
-                        Task.expires_at.is_not(None),
-                        Task.expires_at < now,
+                    return 0, 0
+                candidates = (
+                    await session.scalars(
+                        select(Task)
+                        .where(
+                            Task.state == TaskState.QUEUED,
+                            Task.expires_at.is_not(None),
+                            Task.expires_at < now,
+                        )
+                        .order_by(Task.expires_at)
+                        .limit(EXPIRE_CHUNK)
                     )
-                )
+                ).all()
                 for task in candidates:
                     decision = statemachine.on_expiry(transitions.snapshot(task))
                     if not isinstance(decision, statemachine.Transition):
@@ -309,7 +346,7 @@ class Watchdog:
                     )
                     await self.fence(session, "expiry")
         except _Deposed:
-            return
+            return 0, 0
         if expired:
             # Copies already in a queue must not start: agents check this marker when claiming.
             async with self.rt.redis.pipeline(transaction=False) as pipe:
@@ -319,6 +356,7 @@ class Watchdog:
                     )
                 await pipe.execute()
             self.rt.notify_applied()
+        return len(candidates), len(expired)
 
     async def write(
         self,

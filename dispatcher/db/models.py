@@ -104,6 +104,9 @@ class Agent(Base):
     redis_password_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """SHA-256 of the Redis password: enough to re-create the ACL user after Redis lost it."""
     credentials_withdrawn_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    lost_at: Mapped[float | None] = mapped_column(Double, nullable=True)
+    """When the watchdog judged the agent lost: it keeps its credentials for
+    ``credentials.LOST_AGENT_KEEP`` from then (its registration may be long before)."""
     log_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     """Where the agent serves its task logs (announced at registration)."""
 
@@ -138,9 +141,9 @@ class Task(Base):
     error_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     sensitive: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Its arguments are not shown to viewer API keys (they are stored and sent as any)."""
     final_exit_codes_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     """A command task's exit codes that fail it for good (a JSON list; none when NULL)."""
-    """Its arguments are not shown to viewer API keys (they are stored and sent as any)."""
     trace_parent: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """W3C ``traceparent`` of the task's creation: every span of the task joins its trace."""
     created_at: Mapped[float] = mapped_column(Double)

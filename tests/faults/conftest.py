@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import msgspec
 import pytest
 
@@ -17,7 +18,13 @@ from rexec.schemas.api import TaskState, TaskView
 from rexec.schemas.settings import Settings, load_settings
 from tests.conftest import MANAGEMENT_URL, REDIS_URL
 from tests.e2e.conftest import Plane, pytest_runtest_makereport  # noqa: F401  (logs on failure)
-from tests.faults.servers import PrivateCluster, PrivateRabbit, PrivateRedis, PrivateSentinel
+from tests.faults.servers import (
+    PrivateCluster,
+    PrivatePostgres,
+    PrivateRabbit,
+    PrivateRedis,
+    PrivateSentinel,
+)
 
 FAST = {"heartbeat_ttl": 2.0, "watchdog_interval": 0.5}
 ALLOW = ["--allow", "tests.tasks:*", "--allow", "tests.faults.tasks:*"]
@@ -87,6 +94,29 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of this session's own, for tests that restart the database."""
+    server = PrivatePostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def private_postgres_url(private_postgres: PrivatePostgres) -> str:
+    """A migrated database of this test's own on the private server."""
+    name = f"rexec_{uuid.uuid4().hex[:10]}"
+    anyio.run(private_postgres._admin, f'CREATE DATABASE "{name}"')
+    url = private_postgres.url(name)
+    from rexec.dispatcher.db.migrate import upgrade
+
+    upgrade(url)
+    return url
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Private RabbitMQ and Redis servers for tests that restart or reconfigure them.
+"""Private RabbitMQ, Redis and PostgreSQL servers for tests that restart or reconfigure them.
 
 Fault tests must not disturb the shared services other tests use, so they get servers of
 their own on other ports, started once per test session and stopped at its end. Given a
@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import anyio
+import asyncpg
 import httpx
 import redis
 from redis.backoff import NoBackoff
@@ -330,6 +332,89 @@ class PrivateRedis:
 
     def cleanup(self) -> None:
         self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of a test session's own (trust auth, no fsync), to restart.
+
+    As root, ``initdb`` and ``postgres`` refuse to run: they run as the ``postgres`` user, who
+    owns the directory. Its settings are in its ``postgresql.conf``, so a restart keeps them.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="rexec-postgres-"))
+        self.data = self.dir / "data"
+        self.bin = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+
+    def url(self, database: str) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def dsn(self) -> str:
+        """What ``asyncpg.connect`` takes, for the ``postgres`` maintenance database."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.bin / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        return _run(argv, {}, timeout)
+
+    def _init(self) -> None:
+        made = self._ctl("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-N")
+        assert made.returncode == 0, f"initdb failed: {made.stdout}{made.stderr}"
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"port = {self.port}\n"
+                "listen_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.dir}'\n"
+                "fsync = off\nfull_page_writes = off\nmax_connections = 200\n"
+            )
+
+    def start(self) -> None:
+        if not self.data.exists():
+            self._init()
+        self._pg_ctl("start", "-l", str(self.dir / "postgres.log"))
+
+    def stop(self) -> None:
+        """A fast shutdown: every open connection is terminated, as in a failover."""
+        if (self.data / "postmaster.pid").exists():
+            self._pg_ctl("stop", "-m", "fast")
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: connections terminated, the server back at once."""
+        self._pg_ctl("restart", "-m", "fast", "-l", str(self.dir / "postgres.log"))
+
+    def refuse_connections(self, database: str) -> None:
+        """Make ``database`` refuse connections, and cut off those it has (as a failover
+        does): statements fail with SQLSTATE 55000 or 08003, not with a refused connect."""
+        anyio.run(self._admin, f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
+        anyio.run(
+            self._admin,
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'",
+        )
+
+    def accept_connections(self, database: str) -> None:
+        anyio.run(self._admin, f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
+
+    async def _admin(self, statement: str) -> None:
+        connection = await asyncpg.connect(self.dsn)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    def _pg_ctl(self, action: str, *args: str) -> None:
+        done = self._ctl("pg_ctl", "-D", str(self.data), "-w", "-t", "60", *args, action)
+        assert done.returncode == 0, f"pg_ctl {action} failed: {done.stdout}{done.stderr}"
+
+    def cleanup(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._ctl("pg_ctl", "-D", str(self.data), "-w", "-m", "immediate", "stop")
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -1,26 +1,31 @@
-"""Service faults: a RabbitMQ restart, and a Redis restart that loses every key, mid-run.
+"""Service faults: a RabbitMQ restart, a Redis restart that loses every key, and a PostgreSQL
+restart, mid-run.
 
 Guide promise 1 (nothing lost, each task ends once) under the two service restarts, and
 promise 3's corollary: a Redis outage is not "all agents dead", so nothing is requeued while
-its agent lives. Real ``rexec serve`` and ``rexec-agent`` processes; the restarted servers are
+its agent lives. A database restart or outage stops no loop of ``rexec serve`` (promise 5),
+and submits it cannot store are refused with a 503 that says so. Real ``rexec serve`` and ``rexec-agent`` processes; the restarted servers are
 private ones (``servers.py``), never the shared services.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy import make_url
 
 from rexec.schemas.api import TaskState
 from rexec.schemas.settings import Settings, load_settings
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import Plane
 from tests.faults.conftest import FAST, assert_each_terminal_once
-from tests.faults.servers import PrivateRabbit, PrivateRedis
+from tests.faults.servers import PrivatePostgres, PrivateRabbit, PrivateRedis
 from tests.faults.workload import (
     SLEEP,
+    SteadySubmitter,
     assert_all_succeeded_once,
     executions,
     start_agents,
@@ -159,3 +164,100 @@ class TestRedisRestart:
         self.run_through_a_redis_outage(
             plane, pool_name, private_redis, work=ttl * 3.5, down_for=ttl * 1.5
         )
+
+
+class TestPostgresRestart:
+    @pytest.fixture
+    def fault_settings(
+        self, private_postgres_url: str, amqp_url: str, redis_prefix: str
+    ) -> Settings:
+        return load_settings(
+            {},
+            database_url=private_postgres_url,
+            amqp_url=amqp_url,
+            redis_url=REDIS_URL,
+            redis_prefix=f"{redis_prefix}-pg-{time.monotonic_ns()}",
+            **FAST,
+        )
+
+    def test_a_database_restart_under_steady_submits_stops_nothing_and_loses_nothing(
+        self, plane: Plane, pool_name: str, tmp_path: Path, private_postgres: PrivatePostgres
+    ) -> None:
+        """Under a steady submit load: a fast restart (every connection terminated
+        mid-transaction, the server back at once), an outage that lasts until submits are
+        refused, and a spell of the database refusing connections (as during a failover).
+        ``rexec serve`` keeps running, every accepted task succeeds once, and every refused
+        submit was a 503 that names the database.
+
+        Before the fix, the fast restart alone ended ``rexec serve``: the events consumer's
+        ``DBAPIError`` (connection closed in the middle of an operation) escaped its loop."""
+        start_agents(plane, pool_name, count=2, concurrency=4)
+        runs = tmp_path / "runs"
+        runs.mkdir()
+        dispatcher = plane.processes[0]
+
+        def serving_and(more: Callable[[], bool]) -> Callable[[], bool]:
+            return lambda: dispatcher.popen.poll() is not None or more()
+
+        def relay_resumed() -> bool:
+            out = dispatcher.output()
+            return out.count("the relay works again") >= out.count("the relay waits")
+
+        with SteadySubmitter(plane, pool_name, runs) as load:
+            wait_until(lambda: len(executions(runs)) >= 10, 60, "the steady load to run")
+            private_postgres.restart()
+            after = len(load.accepted)
+            wait_until(
+                serving_and(lambda: load.accepted_more(after + 10)), 60, "submits after a restart"
+            )
+            assert dispatcher.popen.poll() is None, "rexec serve exited on a database restart"
+
+            private_postgres.stop()
+            try:
+                refused = len(load.refusals)
+                wait_until(
+                    serving_and(lambda: len(load.refusals) >= refused + 3),
+                    60,
+                    "submits refused while the database is down",
+                )
+            finally:
+                private_postgres.start()
+            after = len(load.accepted)
+            wait_until(
+                serving_and(lambda: load.accepted_more(after + 10) and relay_resumed()),
+                60,
+                "submits accepted and the relay publishing after an outage",
+            )
+
+            # A failover's other face: the server answers, but refuses the database.
+            database = make_url(plane.settings.database_url).database or ""
+            relay_waits = dispatcher.output().count("the relay waits")
+            private_postgres.refuse_connections(database)
+            try:
+                refused = len(load.refusals)
+                wait_until(
+                    serving_and(
+                        lambda: (
+                            len(load.refusals) >= refused + 3
+                            and dispatcher.output().count("the relay waits") > relay_waits
+                        )
+                    ),
+                    60,
+                    "submits refused and the relay waiting while the database refuses",
+                )
+            finally:
+                private_postgres.accept_connections(database)
+            after = len(load.accepted)
+            wait_until(
+                serving_and(lambda: load.accepted_more(after + 10)), 60, "submits after refusals"
+            )
+        output = dispatcher.output()
+        assert dispatcher.popen.poll() is None, f"rexec serve exited:\n{output[-6000:]}"
+        unclear = [r for r in load.refusals if r.status != 503 or "database" not in r.message]
+        assert not unclear, f"refused without a clear 503: {unclear[:5]}"
+        assert "database unreachable" in output, "the outage is logged"
+
+        done = plane.client.wait(list(load.accepted), timeout=120)
+        assert_all_succeeded_once(plane, load.accepted, done)
+        assert set(load.accepted.values()) <= set(executions(runs)), "every task ran to its end"
+        print(f"accepted {len(load.accepted)}, refused {len(load.refusals)}")

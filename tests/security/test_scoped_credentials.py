@@ -7,6 +7,7 @@ not our client code, which an attacker holding the credentials would not run.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +25,7 @@ from rexec.dispatcher import credentials
 from rexec.dispatcher.db.models import Agent
 from rexec.dispatcher.events import run_events
 from rexec.dispatcher.runtime import Runtime
+from rexec.dispatcher.watchdog import Watchdog
 from rexec.schemas import messages, names
 from rexec.schemas.api import AgentRegistered, ScopedCredentials
 from rexec.worker.credentials import with_login
@@ -249,3 +251,74 @@ async def test_events_for_another_agent_are_dead_lettered(
     assert f"events of agent {victim.agent_id} published by {user!r}" in reason
     assert "one agent cannot report for another" in reason
     assert runtime.metrics.stale_events.labels("forged")._value.get() == before + 1
+
+
+async def judge_lost(runtime: Runtime, agent_id: str, registered_ago: float) -> None:
+    """The watchdog judges the agent lost now; it registered (and was last seen)
+    ``registered_ago`` seconds earlier."""
+    async with runtime.sessions.begin() as session:
+        agent = await session.get(Agent, agent_id)
+        assert agent is not None
+        agent.registered_at = agent.last_seen_at = time.time() - registered_ago
+    watchdog = Watchdog(runtime)
+    assert await watchdog.lease.acquire()
+    await watchdog.agent_lost(agent_id)
+    async with runtime.sessions() as session:
+        agent = await session.get(Agent, agent_id)
+        assert agent is not None and agent.state == "lost"
+
+
+async def withdrawn(runtime: Runtime, agent_id: str) -> bool:
+    async with runtime.sessions() as session:
+        agent = await session.get(Agent, agent_id)
+        assert agent is not None
+        return agent.credentials_withdrawn_at is not None
+
+
+async def test_a_lost_agent_keeps_its_credentials_for_the_window_from_when_it_was_judged_lost(
+    api: httpx.AsyncClient, runtime: Runtime, pool: str
+) -> None:
+    """A hung agent that registered two hours ago and is judged lost now must still reach
+    Redis when it wakes up (to find its leases taken and stop its attempts): the keep window
+    counts from the judgement, not from its registration or its last ``online`` event."""
+    _, registered = await register_scoped(api, pool)
+    login = creds(registered)
+    await judge_lost(runtime, registered.agent_id, registered_ago=2 * credentials.LOST_AGENT_KEEP)
+
+    await credentials.keep_once(runtime)
+    assert not await withdrawn(runtime, registered.agent_id), "withdrawn at once"
+    client = redis_as(registered)
+    try:
+        assert await client.set(runtime.keys.agent(registered.agent_id), "{}", px=3000)
+        await client.delete(runtime.keys.agent(registered.agent_id))
+    finally:
+        await client.aclose()
+
+    # The window ends: LOST_AGENT_KEEP after the judgement, the keeper retires them.
+    async with runtime.sessions.begin() as session:
+        agent = await session.get(Agent, registered.agent_id)
+        assert agent is not None and agent.lost_at is not None
+        agent.lost_at -= credentials.LOST_AGENT_KEEP + 1
+    await credentials.keep_once(runtime)
+    assert await withdrawn(runtime, registered.agent_id), "retired once the window passed"
+    assert login.redis_username not in {str(u) for u in await runtime.redis.acl_users()}
+
+
+async def test_a_lost_agent_heartbeating_again_keeps_its_credentials_past_the_window(
+    api: httpx.AsyncClient, runtime: Runtime, pool: str
+) -> None:
+    """Judged lost, then woken up and heartbeating again: it is not retired while it lives."""
+    _, registered = await register_scoped(api, pool)
+    await judge_lost(runtime, registered.agent_id, registered_ago=10.0)
+    async with runtime.sessions.begin() as session:
+        agent = await session.get(Agent, registered.agent_id)
+        assert agent is not None and agent.lost_at is not None
+        agent.lost_at -= credentials.LOST_AGENT_KEEP + 1
+    client = redis_as(registered)
+    try:
+        assert await client.set(runtime.keys.agent(registered.agent_id), "{}", px=5000)
+        await credentials.keep_once(runtime)
+        assert not await withdrawn(runtime, registered.agent_id)
+    finally:
+        await client.aclose()
+        await runtime.redis.delete(runtime.keys.agent(registered.agent_id))
