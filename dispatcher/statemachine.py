@@ -1,8 +1,9 @@
 """The task state machine: every state change is decided here, and nowhere else.
 
 Pure functions over a snapshot of the task and one input (an agent's event or an operator's or
-watchdog's command). Fencing lives here: an event for another attempt, or from an agent that no
-longer holds the attempt, is rejected, never applied.
+watchdog's command). Fencing lives here: an event for another attempt, from an agent that no
+longer holds the attempt, or of a claim older than the one the task runs under (a ``started``
+that arrives after another agent took the lease over), is rejected, never applied.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Snapshot:
     retry_backoff: float
     agent_id: str | None
     cancel_requested: bool = False
+    fence: int = 0
+    """The fencing token of the claim the running attempt started under (0: none known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,8 @@ class Transition:
     agent_id: str | None
     retry_in: float | None = None
     same_attempt: bool = False
+    fence: int = 0
+    """For ``running``: the fencing token of the claim it started under."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +89,14 @@ def on_event(task: Snapshot, event: TaskEvent, rng: random.Random | None = None)
         return Transition(
             TaskState.QUEUED, f"returned: {event.reason}", None, retry_in=pause, same_attempt=True
         )
+    if _older_claim(task, event):
+        # Its agent stalled after claiming; another took the lease over and started since.
+        return Reject("stale_claim", stop_attempt=isinstance(event, Started))
     if isinstance(event, Started):
         if task.state is TaskState.RUNNING and task.agent_id == event.agent_id:
             return Reject("duplicate")
         # QUEUED, or RUNNING under an agent whose lease this agent took over (it was dead).
-        return Transition(TaskState.RUNNING, "started", event.agent_id)
+        return Transition(TaskState.RUNNING, "started", event.agent_id, fence=event.fence)
     if task.state is TaskState.RUNNING and task.agent_id != event.agent_id:
         return Reject("stale_agent")
     if isinstance(event, Succeeded):
@@ -104,6 +112,16 @@ def on_event(task: Snapshot, event: TaskEvent, rng: random.Random | None = None)
     if isinstance(event, TimedOut):
         return _failure(task, TaskState.TIMED_OUT, "timeout", event.agent_id, True, rng)
     raise TypeError(f"not a task event: {event!r}")
+
+
+def _older_claim(task: Snapshot, event: TaskEvent) -> bool:
+    """The event comes from a claim older than the running attempt's (both known)."""
+    return (
+        task.state is TaskState.RUNNING
+        and event.fence != 0
+        and task.fence != 0
+        and event.fence < task.fence
+    )
 
 
 def on_agent_lost(task: Snapshot, agent_id: str) -> Decision:

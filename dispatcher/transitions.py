@@ -41,6 +41,8 @@ class Fenced(Protocol):
     def agent_id(self) -> str | None: ...
     @property
     def cancel_requested(self) -> bool: ...
+    @property
+    def fence(self) -> int: ...
 
 
 def snapshot(task: Fenced) -> Snapshot:
@@ -51,6 +53,7 @@ def snapshot(task: Fenced) -> Snapshot:
         retry_backoff=task.retry_backoff,
         agent_id=task.agent_id,
         cancel_requested=task.cancel_requested,
+        fence=task.fence,
     )
 
 
@@ -103,7 +106,7 @@ def plan(
         "reason": transition.reason,
     }
     if transition.to is TaskState.RUNNING:
-        values.update(agent_id=transition.agent_id, started_at=now)
+        values.update(agent_id=transition.agent_id, started_at=now, fence=transition.fence)
     elif transition.retry_in is not None:
         attempt = task.attempt if transition.same_attempt else task.attempt + 1
         if not transition.same_attempt:
@@ -205,6 +208,7 @@ class TaskRow:
     created_at: float
     started_at: float | None
     trace_parent: str | None
+    fence: int
     # Not read from the database, nor read afterwards: they only take what a transition writes.
     finished_at: float | None = None
     result_json: str | None = None
@@ -225,6 +229,7 @@ _ROW_COLUMNS = (
     Task.created_at,
     Task.started_at,
     Task.trace_parent,
+    Task.fence,
 )
 
 

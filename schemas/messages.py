@@ -69,12 +69,22 @@ class TaskMessage(
 
 
 class _Event(
-    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    omit_defaults=True,
+    tag_field="type",
 ):
     task_id: str
     attempt: int
     agent_id: str
     at: float
+    fence: int = 0
+    """The fencing token of the agent's claim of this attempt (microseconds of Redis' clock
+    when the lease was claimed): a later claim, by an agent that took the lease over, has a
+    higher one, and the dispatcher refuses the events of a lower one. 0: not known (an agent
+    from before fencing, or a claim whose reply was lost), fenced by agent id alone."""
 
 
 class _Ended(_Event, frozen=True, kw_only=True, omit_defaults=True):

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import anyio
+import msgspec
 from aio_pika.abc import AbstractIncomingMessage
 from anyio.abc import TaskGroup
 from redis.exceptions import RedisError
@@ -322,7 +323,7 @@ class TaskHandler:
         attempt = Attempt(task)
         self.attempts.add(attempt)
         try:
-            await self.emit(self.reporter.event(messages.Started, task))
+            await self.emit(self.reporter.event(messages.Started, task, fence=claim.fence))
             await item.settle()
             self.stats.started += 1
             started = time.monotonic()
@@ -332,7 +333,7 @@ class TaskHandler:
             self.attempts.remove(attempt)
             slot.release()  # the next task may start while this one reports
         if event is not None:
-            await self.emit(event)
+            await self.emit(msgspec.structs.replace(event, fence=claim.fence))
         outcome = attempt_outcome(event, attempt.stop_reason)
         self.stats.ran(outcome)
         if self.metrics is not None:

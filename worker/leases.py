@@ -33,7 +33,10 @@ _BATCH = """
 -- per operation. ARGV: agent id, lease ttl, lingering ttl, heartbeat key prefix, the
 -- watchdog's tombstone (an attempt it ended: never claimed again), then per
 -- operation its kind ('claim' or 'release'), set member and cancel marker ('' for a
--- release). Returns {outcome, previous holder} per operation, flattened.
+-- release). Returns {outcome, previous holder, fence} per operation, flattened; a claim's
+-- fence is Redis' clock in microseconds: a takeover is a later claim and gets a higher one.
+-- Unlike a counter in a key, the clock survives a Redis restart that lost every key (after
+-- a failover, the new primary's clock must not lag by more than the time between claims).
 -- A claim finds the attempt cancelled, held (by this agent or a live one: a duplicate) or
 -- free (never held, or held by an agent whose heartbeat key is gone: taken over). A
 -- tombstoned attempt is a duplicate too: a redelivery of it must not run. A release
@@ -52,20 +55,25 @@ for i = 2, #KEYS do
     end
     table.insert(out, 'released')
     table.insert(out, '')
+    table.insert(out, 0)
   elseif redis.call('EXISTS', marker) == 1 then
     table.insert(out, 'cancelled')
     table.insert(out, '')
+    table.insert(out, 0)
   else
     local holder = redis.call('GET', lease)
     if holder and (holder == ARGV[1] or holder == ARGV[5]
                    or redis.call('EXISTS', ARGV[4] .. holder) == 1) then
       table.insert(out, 'duplicate')
       table.insert(out, holder)
+      table.insert(out, 0)
     else
       redis.call('SET', lease, ARGV[1], 'EX', ARGV[2])
       redis.call('SADD', KEYS[1], member)
+      local now = redis.call('TIME')
       table.insert(out, 'claimed')
       table.insert(out, holder or '')
+      table.insert(out, tonumber(now[1]) * 1000000 + tonumber(now[2]))
     end
   end
 end
@@ -113,6 +121,8 @@ class ClaimResult:
     outcome: Claim
     previous_holder: str
     """For ``duplicate``: who holds it. For ``claimed``: the dead agent taken over, or ''."""
+    fence: int = 0
+    """For ``claimed``: the claim's fencing token (see ``messages._Event.fence``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +241,8 @@ class LeaseStore:
             return
         for i, op in enumerate(operations):
             if op.kind == "claim":
-                op.settle(ClaimResult(Claim(_text(raw[2 * i])), _text(raw[2 * i + 1])))
+                outcome, holder, fence = raw[3 * i : 3 * i + 3]
+                op.settle(ClaimResult(Claim(_text(outcome)), _text(holder), int(fence)))
             else:
                 op.settle()
 

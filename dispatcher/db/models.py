@@ -8,6 +8,7 @@ through to the wire without decoding them on the hot path.
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Double,
     ForeignKey,
@@ -144,6 +145,9 @@ class Task(Base):
     """Its arguments are not shown to viewer API keys (they are stored and sent as any)."""
     final_exit_codes_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     """A command task's exit codes that fail it for good (a JSON list; none when NULL)."""
+    fence: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """The fencing token of the claim the running attempt started under (0: none known):
+    events of an older claim are refused (``statemachine``)."""
     trace_parent: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """W3C ``traceparent`` of the task's creation: every span of the task joins its trace."""
     created_at: Mapped[float] = mapped_column(Double)

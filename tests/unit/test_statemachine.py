@@ -79,6 +79,36 @@ def test_a_stale_start_asks_the_agent_to_stop_the_attempt() -> None:
     assert decision == Reject("stale_attempt", stop_attempt=True)
 
 
+def test_a_start_records_the_fence_of_its_claim() -> None:
+    start = Started(task_id="t", attempt=1, agent_id="a1", at=1.0, fence=100)
+    assert on_event(snap(), start) == Transition(R, "started", "a1", fence=100)
+
+
+def test_a_late_start_of_an_older_claim_is_refused_and_stopped() -> None:
+    """Agent a1 claimed (fence 100) and stalled before its ``started`` left; a2 took the lease
+    over (fence 200) and started. a1's ``started`` arrives now: it must not take the task back."""
+    late = Started(task_id="t", attempt=1, agent_id="a1", at=1.0, fence=100)
+    task = snap(R, agent="a2", fence=200)
+    assert on_event(task, late) == Reject("stale_claim", stop_attempt=True)
+    result = Succeeded(task_id="t", attempt=1, agent_id="a1", at=3.0, result=1, fence=100)
+    assert on_event(task, result) == Reject("stale_claim")
+    mine = Succeeded(task_id="t", attempt=1, agent_id="a2", at=3.0, result=1, fence=200)
+    assert on_event(task, mine) == Transition(TaskState.SUCCEEDED, "succeeded", "a2")
+
+
+def test_a_takeover_by_a_later_claim_moves_the_task() -> None:
+    takeover = Started(task_id="t", attempt=1, agent_id="a2", at=1.0, fence=200)
+    decision = on_event(snap(R, agent="a1", fence=100), takeover)
+    assert decision == Transition(R, "started", "a2", fence=200)
+
+
+def test_an_unknown_fence_is_fenced_by_agent_alone() -> None:
+    """Agents from before fencing (and a claim whose reply was lost) send none."""
+    assert on_event(snap(R, agent="a1", fence=100), started(agent="a2")) == Transition(
+        R, "started", "a2"
+    )
+
+
 def test_result_from_an_agent_that_no_longer_holds_the_attempt_is_rejected() -> None:
     result = Succeeded(task_id="t", attempt=1, agent_id="old", at=3.0, result=1)
     assert on_event(snap(R, agent="new"), result) == Reject("stale_agent")

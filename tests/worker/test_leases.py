@@ -86,9 +86,13 @@ async def test_lease_of_a_dead_agent_is_taken_over(
     async with running_agent(broker, agent_settings, pool) as agent:
         message = task(pool)
         redis_client.set(keys.lease(pool, message.task_id, 1), "dead-agent", ex=60)
+        before = redis_client.time()
         event = await broker.run(pool, message)
         assert isinstance(event, messages.Succeeded)
         assert event.agent_id == agent.agent_id
+        # The claim's fencing token, Redis' clock at the claim, on its started and its end.
+        started = await broker.wait_for(message.task_id, messages.Started)
+        assert started.fence == event.fence >= before[0] * 1_000_000 + before[1]
 
 
 async def test_lease_of_a_live_agent_is_a_duplicate(
