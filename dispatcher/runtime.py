@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from rexec.schemas import messages, names
 from rexec.schemas.amqp import connect_cluster
 from rexec.schemas.names import RedisKeys
-from rexec.schemas.redis_client import open_redis
+from rexec.schemas.redis_client import call_timeout, open_redis
 from rexec.schemas.settings import Settings
 from rexec.schemas.signing import Signer
 
@@ -184,7 +184,7 @@ class Runtime:
 @asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     engine = make_engine(settings.database_url)
-    redis = open_redis(settings.redis_url)
+    redis = open_redis(settings.redis_url, timeout=call_timeout(settings.heartbeat_ttl))
     connection = await connect_cluster(
         settings.amqp_url, connection_name=names.dispatcher_connection_name(socket.gethostname())
     )

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from rexec.schemas import messages, names
 from rexec.schemas.api import TaskState
+from rexec.schemas.redis_client import call_timeout
 
 from . import statemachine, transitions
 from .backoff import Backoff
@@ -59,9 +60,13 @@ class RedisGate:
     """Says when heartbeats can be trusted: Redis reachable, and not just back from a loss.
 
     "A loss" is anything after which a live agent's key may be missing: Redis was unreachable,
-    the epoch key is gone (data lost), or the server answering is not the one trusted before
-    (``run_id``; a client that follows a Sentinel failover may never see an error, since
-    redis-py retries a failed command on the new master).
+    the epoch key is gone (data lost), the server answering is not the one trusted before
+    (``run_id``; a client that follows a Sentinel failover may never see an error), or Redis
+    stalled (frozen, partitioned). Every call has a deadline (``redis_client.call_timeout``, a
+    quarter of the heartbeat TTL), so a stall that long is an error, and a shorter one cannot
+    let a live agent's key expire; an answer that took about that long counts as a stall too.
+    The grace is one heartbeat TTL plus a call's deadline: an agent's beat that was in flight
+    when Redis came back fails at its deadline, and the next one writes its key again.
     """
 
     def __init__(self, rt: Runtime) -> None:
@@ -71,9 +76,13 @@ class RedisGate:
         self.reachable = True
         self.server: str | None = None
         """``run_id`` of the Redis server judged on; None until first seen (or unknown)."""
+        self.call_timeout = call_timeout(rt.settings.heartbeat_ttl)
+        self.slow = self.call_timeout * 0.9
+        """Seconds an answer may take before Redis is taken to have stalled."""
 
     async def trusted(self) -> bool:
         now = time.time()
+        began = time.monotonic()
         try:
             async with self.rt.redis.pipeline(transaction=False) as pipe:
                 pipe.set(self.epoch_key, uuid.uuid4().hex, nx=True)
@@ -87,8 +96,11 @@ class RedisGate:
             self.reachable = False
             return False
         run_id = _run_id(info)
+        took = time.monotonic() - began
         if not self.reachable:
             self.grace("came back", now)
+        elif took > self.slow:
+            self.grace(f"answered after {took:.1f} s (stalled)", now)
         elif created:
             self.grace("lost its data (or is new)", now)
         elif self.server is not None and run_id is not None and run_id != self.server:
@@ -96,6 +108,15 @@ class RedisGate:
         self.reachable = True
         self.server = run_id
         return now >= self.trusted_from
+
+    def still_prompt(self, began: float) -> bool:
+        """Whether a read of heartbeat keys that began at ``began`` (monotonic) came back in
+        time to be judged on; if not, start the grace and say no."""
+        took = time.monotonic() - began
+        if took <= self.slow:
+            return True
+        self.grace(f"answered after {took:.1f} s (stalled)", time.time())
+        return False
 
     def same_server(self, info: object) -> bool:
         """Whether ``info`` (an ``INFO server`` reply read beside heartbeat keys) comes from
@@ -108,11 +129,9 @@ class RedisGate:
         return False
 
     def grace(self, why: str, now: float) -> None:
-        log.warning(
-            f"redis {why}: judging no agent for one heartbeat TTL",
-            extra={"grace": self.rt.settings.heartbeat_ttl},
-        )
-        self.trusted_from = now + self.rt.settings.heartbeat_ttl
+        grace = self.rt.settings.heartbeat_ttl + self.call_timeout
+        log.warning(f"redis {why}: judging no agent for one heartbeat TTL", extra={"grace": grace})
+        self.trusted_from = max(self.trusted_from, now + grace)
 
 
 def _run_id(info: object) -> str | None:
@@ -175,6 +194,7 @@ class Watchdog:
             agent_ids = [a for a in running if a]
         if not agent_ids:
             return
+        began = time.monotonic()
         async with self.rt.redis.pipeline(transaction=False) as pipe:
             # One connection, so INFO tells which server answered the EXISTS: a failover
             # since the gate's check must not turn keys the new master lacks into deaths.
@@ -185,7 +205,7 @@ class Watchdog:
         errors = [e for e in alive if isinstance(e, Exception)]
         if errors:
             raise errors[0]
-        if not self.gate.same_server(info):
+        if not (self.gate.still_prompt(began) and self.gate.same_server(info)):
             return
         for agent_id, is_alive in zip(agent_ids, alive, strict=True):
             if not is_alive:

@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 from rexec.schemas import messages, names, signing, tls
 from rexec.schemas.amqp import connect_cluster, connection_up, parse_amqp_urls, safe_url
 from rexec.schemas.names import RedisKeys
-from rexec.schemas.redis_client import open_redis
+from rexec.schemas.redis_client import call_timeout, open_redis
 from rexec.schemas.redis_url import RedisURLError
 from rexec.schemas.settings import Settings, key_list
 
@@ -214,7 +214,10 @@ class Agent:
                 try:
                     async with AsyncExitStack() as stack:
                         try:
-                            redis = open_redis(self.settings.redis_url)
+                            redis = open_redis(
+                                self.settings.redis_url,
+                                timeout=call_timeout(self.settings.heartbeat_ttl),
+                            )
                         except RedisURLError as exc:  # e.g. one handed over at registration
                             raise AgentError(str(exc)) from None
                         stack.push_async_callback(redis.aclose)

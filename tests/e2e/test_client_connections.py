@@ -3,9 +3,6 @@ connection that fails under a call (a response lost on the way back)."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,68 +11,17 @@ import pytest
 from rexec.client import RexecClient, RexecError
 from tests.conftest import BOOTSTRAP_KEY
 from tests.e2e.conftest import Plane
+from tests.proxy import TcpProxy
 
 THREADS = 32
 PER_THREAD = 25
 
 
-class ResponseCutter:
-    """A TCP proxy in front of the API that, while armed, lets a request through and then
-    closes the client's connection instead of passing the answer back: the server did the
-    work, the client never hears of it, as when a load balancer or a NAT drops a connection."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream = ("127.0.0.1", upstream_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
-        self.cuts = 0
-        """Answers still to drop."""
-        self.dropped = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def cut(self, answers: int) -> None:
-        with self._lock:
-            self.cuts = answers
-
-    def _take_cut(self) -> bool:
-        with self._lock:
-            if self.cuts <= 0:
-                return False
-            self.cuts -= 1
-            self.dropped += 1
-            return True
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, target: socket.socket, answers: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if answers and self._take_cut():
-                    break
-                target.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, target):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 @pytest.fixture
-def cutter(plane: Plane) -> Iterator[ResponseCutter]:
-    proxy = ResponseCutter(plane.settings.api_port)
+def cutter(plane: Plane) -> Iterator[TcpProxy]:
+    """A proxy in front of the API that can drop answers, as a load balancer or a NAT that
+    drops a connection does."""
+    proxy = TcpProxy(plane.settings.api_port)
     yield proxy
     proxy.close()
 
@@ -102,25 +48,27 @@ def test_one_client_shared_by_many_threads(plane: Plane, pool_name: str) -> None
 
 
 def test_a_submit_with_a_key_whose_answer_was_lost_is_sent_again_and_made_once(
-    plane: Plane, pool_name: str, cutter: ResponseCutter
+    plane: Plane, pool_name: str, cutter: TcpProxy
 ) -> None:
     plane.client.create_pool(pool_name)
     with RexecClient(f"http://127.0.0.1:{cutter.port}", api_key=BOOTSTRAP_KEY) as client:
-        cutter.cut(1)
+        cutter.cut_answers(1)
         task = client.submit(pool_name, "tests.tasks:add", args=[1, 2], idempotency_key="once")
-        assert cutter.dropped == 1  # the first answer was lost; the second send got the task
+        assert (
+            cutter.dropped_answers == 1
+        )  # the first answer was lost; the second send got the task
         found = plane.client.list_tasks(pool=pool_name, idempotency_key="once")
         assert [t.id for t in found] == [task.id]
         assert len(plane.client.list_tasks(pool=pool_name)) == 1
 
         # Without a key a second send could make a second task: the error is the caller's.
-        cutter.cut(1)
+        cutter.cut_answers(1)
         with pytest.raises(RexecError, match="unreachable") as refused:
             client.submit(pool_name, "tests.tasks:add", args=[3, 4])
         assert refused.value.status is None
         assert len(plane.client.list_tasks(pool=pool_name)) == 2  # the server made it once
 
         # Reads are sent again as a matter of course.
-        cutter.cut(2)
+        cutter.cut_answers(2)
         assert client.get(task.id).id == task.id
-        assert cutter.dropped == 4
+        assert cutter.dropped_answers == 4

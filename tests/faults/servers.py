@@ -330,7 +330,20 @@ class PrivateRedis:
         self.stop()
         self.start()
 
+    @property
+    def pid(self) -> int:
+        return int((self.dir / "redis.pid").read_text())
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open and commands wait unanswered, as in a long stall."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
     def cleanup(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.thaw()
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -11,7 +11,7 @@ private ones (``servers.py``), never the shared services.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,7 @@ from tests.faults.workload import (
     states,
     submit_mix,
 )
+from tests.proxy import TcpProxy
 from tests.support import wait_until
 
 
@@ -97,73 +98,134 @@ class TestRedisRestart:
             **FAST,
         )
 
-    def run_through_a_redis_outage(
-        self, plane: Plane, pool: str, redis: PrivateRedis, *, work: float, down_for: float | None
+    def test_a_redis_restart_that_loses_every_key_requeues_nothing(
+        self, plane: Plane, pool_name: str, private_redis: PrivateRedis
     ) -> None:
-        """Tasks run on two agents while Redis restarts and comes back empty: at once
-        (``down_for`` None), or after ``down_for`` seconds, once the dispatcher and the agents
-        noticed it was gone.
+        def restart(during: Callable[[], None]) -> None:
+            private_redis.restart()
+            during()
 
-        Six long tasks outlive the outage and the grace after it, so the watchdog judges their
-        agents on the keys they wrote again; two short ones end around the outage (their leases
-        cannot be released yet); two more are submitted during it, to be claimed once Redis is
-        back.
-        """
-        # Each agent has a slot for every task, however the broker spreads them.
-        start_agents(plane, pool, count=2, concurrency=10)
-        ids = [plane.client.submit(pool, SLEEP, args=[work]).id for _ in range(6)]
-        ids += [plane.client.submit(pool, SLEEP, args=[1.0]).id for _ in range(2)]
-        wait_until(
-            lambda: all(plane.client.get(i).state is TaskState.RUNNING for i in ids[:6]),
-            20,
-            "the long tasks to run",
-        )
+        ttl = plane.settings.heartbeat_ttl
+        run_through_a_redis_fault(plane, pool_name, work=ttl * 2.5, fault=restart)
 
-        dispatcher, agents = plane.processes[0], plane.processes[1:]
-        if down_for is None:
-            redis.restart()
-            ids += [plane.client.submit(pool, SLEEP, args=[1.0]).id for _ in range(2)]
-        else:
-            redis.stop()
+    def test_redis_down_longer_than_the_heartbeat_ttl_causes_no_requeue_storm(
+        self, plane: Plane, pool_name: str, private_redis: PrivateRedis
+    ) -> None:
+        ttl = plane.settings.heartbeat_ttl
+        down_for = ttl * 1.5
+
+        def stop_for_a_while(during: Callable[[], None]) -> None:
+            private_redis.stop()
             stopped = time.monotonic()
             try:
-                ids += [plane.client.submit(pool, SLEEP, args=[1.0]).id for _ in range(2)]
+                during()
                 wait_until(
                     lambda: (
-                        "watchdog paused" in dispatcher.output()
-                        and all("Redis unreachable" in a.output() for a in agents)
+                        "watchdog paused" in plane.processes[0].output()
+                        and all("Redis unreachable" in a.output() for a in plane.processes[1:])
                         and time.monotonic() - stopped >= down_for
                     ),
                     down_for + 10,
                     "the dispatcher and the agents to notice Redis is gone, and the outage to last",
                 )
             finally:
-                redis.start()
+                private_redis.start()
 
-        done = plane.client.wait(ids, timeout=work + 30)
-        assert [(t.state, t.attempt) for t in done] == [(TaskState.SUCCEEDED, 1)] * len(ids), (
-            "no task was requeued while its agent lived"
-        )
-        assert_each_terminal_once(plane, done)
-        lost = [a.id for a in plane.client.list_agents(pool=pool) if a.state == "lost"]
-        assert not lost, f"agents judged lost though alive: {lost}"
-        assert "agent lost" not in dispatcher.output()
+        run_through_a_redis_fault(plane, pool_name, work=ttl * 3.5, fault=stop_for_a_while)
 
-    def test_a_redis_restart_that_loses_every_key_requeues_nothing(
+    def test_redis_frozen_longer_than_the_heartbeat_ttl_causes_no_requeue_storm(
         self, plane: Plane, pool_name: str, private_redis: PrivateRedis
     ) -> None:
+        """SIGSTOP of Redis (issue 20, item 4): no call fails, every heartbeat key expires
+        during the stall, and agents write theirs again a moment after it ends."""
         ttl = plane.settings.heartbeat_ttl
-        self.run_through_a_redis_outage(
-            plane, pool_name, private_redis, work=ttl * 2.5, down_for=None
+
+        def freeze(during: Callable[[], None]) -> None:
+            private_redis.freeze()
+            try:
+                lasts(ttl * 3, during)
+            finally:
+                private_redis.thaw()
+
+        run_through_a_redis_fault(plane, pool_name, work=ttl * 6, fault=freeze)
+
+
+class TestRedisPartition:
+    """Redis behind a proxy that drops every packet for a while (issue 20, item 4): no error,
+    no refusal, only answers that never come, also after the partition heals."""
+
+    @pytest.fixture
+    def redis_proxy(self, private_redis: PrivateRedis) -> Iterator[TcpProxy]:
+        proxy = TcpProxy(private_redis.port)
+        yield proxy
+        proxy.close()
+
+    @pytest.fixture
+    def fault_settings(
+        self, sqlite_url: str, amqp_url: str, redis_prefix: str, redis_proxy: TcpProxy
+    ) -> Settings:
+        return load_settings(
+            {},
+            database_url=sqlite_url,
+            amqp_url=amqp_url,
+            redis_url=f"redis://127.0.0.1:{redis_proxy.port}/0",
+            redis_prefix=redis_prefix,
+            **FAST,
         )
 
-    def test_redis_down_longer_than_the_heartbeat_ttl_causes_no_requeue_storm(
-        self, plane: Plane, pool_name: str, private_redis: PrivateRedis
+    def test_a_partition_longer_than_the_heartbeat_ttl_wedges_nothing_and_requeues_nothing(
+        self, plane: Plane, pool_name: str, redis_proxy: TcpProxy
     ) -> None:
         ttl = plane.settings.heartbeat_ttl
-        self.run_through_a_redis_outage(
-            plane, pool_name, private_redis, work=ttl * 3.5, down_for=ttl * 1.5
-        )
+
+        def partition(during: Callable[[], None]) -> None:
+            redis_proxy.partition()
+            try:
+                lasts(ttl * 3, during)
+            finally:
+                redis_proxy.heal()
+            assert redis_proxy.dropped_bytes > 0
+
+        run_through_a_redis_fault(plane, pool_name, work=ttl * 8, fault=partition)
+
+
+def lasts(seconds: float, during: Callable[[], None]) -> None:
+    """Run ``during``, then let the fault last ``seconds`` in all."""
+    began = time.monotonic()
+    during()
+    wait_until(lambda: time.monotonic() - began >= seconds, seconds + 10, "the fault to last")
+
+
+def run_through_a_redis_fault(
+    plane: Plane, pool: str, *, work: float, fault: Callable[[Callable[[], None]], None]
+) -> None:
+    """Tasks run on two agents through a Redis fault: ``fault(during)`` makes it, calls
+    ``during`` while it lasts (two more tasks are submitted, to be claimed once Redis is back),
+    and ends it.
+
+    Six long tasks outlive the fault and the grace after it, so the watchdog judges their
+    agents on the keys they wrote again; two short ones end around the fault (their leases
+    cannot be released yet).
+    """
+    # Each agent has a slot for every task, however the broker spreads them.
+    start_agents(plane, pool, count=2, concurrency=10)
+    ids = [plane.client.submit(pool, SLEEP, args=[work]).id for _ in range(6)]
+    ids += [plane.client.submit(pool, SLEEP, args=[1.0]).id for _ in range(2)]
+    wait_until(
+        lambda: all(plane.client.get(i).state is TaskState.RUNNING for i in ids[:6]),
+        20,
+        "the long tasks to run",
+    )
+    dispatcher = plane.processes[0]
+    fault(lambda: ids.extend(plane.client.submit(pool, SLEEP, args=[1.0]).id for _ in range(2)))
+    done = plane.client.wait(ids, timeout=work + 30)
+    assert [(t.state, t.attempt) for t in done] == [(TaskState.SUCCEEDED, 1)] * len(ids), (
+        "no task was requeued while its agent lived"
+    )
+    assert_each_terminal_once(plane, done)
+    lost = [a.id for a in plane.client.list_agents(pool=pool) if a.state == "lost"]
+    assert not lost, f"agents judged lost though alive: {lost}"
+    assert "agent lost" not in dispatcher.output()
 
 
 class TestPostgresRestart:
