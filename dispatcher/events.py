@@ -26,6 +26,7 @@ import anyio
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from opentelemetry.trace import SpanKind
+from redis.exceptions import RedisError
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -292,7 +293,19 @@ async def apply_events(rt: Runtime, events: Sequence[messages.Event]) -> None:
     for agent_id, control in stop:
         await rt.publish_control(agent_id, control)
     if offline:
+        await _forget_heartbeats(rt, offline)
         await credentials.withdraw(rt, offline, "the agent went offline")
+
+
+async def _forget_heartbeats(rt: Runtime, agent_ids: list[str]) -> None:
+    """Delete the heartbeat keys of agents that went offline. A stopping agent leaves its key
+    (marked stopped) for the dispatcher to delete once its ``offline``, which it sends after
+    all its other events, was applied: until then the watchdog takes the agent for alive, and
+    does not hand a task whose success is still on the way to another agent."""
+    try:
+        await rt.redis.delete(*(rt.keys.agent(agent_id) for agent_id in agent_ids))
+    except (RedisError, OSError) as exc:  # the key expires by itself
+        log.warning("could not delete stopped agents' heartbeat keys", extra={"error": str(exc)})
 
 
 def admissible(event: messages.TaskEvent) -> messages.TaskEvent:

@@ -3,6 +3,11 @@
 The key (``SET ... EX ttl``) is refreshed three times per TTL, so one slow beat is not a death.
 A Redis outage is logged and survived: the dispatcher's watchdog pauses while Redis is down,
 and the next successful beat recreates whatever a restarted Redis lost.
+
+An agent that stops gracefully does not delete its key: it marks it stopped, for
+``STOPPED_TTL``, and the dispatcher deletes it once it applied the agent's ``offline`` event
+(its last). A key gone before the dispatcher applied the agent's last success would make the
+watchdog take the exit for a death, hand the task to another agent and refuse the success.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from .leases import LeaseStore, LostLease
 log = logging.getLogger("rexec.agent.heartbeat")
 
 _json = msgspec.json.Encoder()
+
+STOPPED_TTL = 600.0
+"""Seconds a stopped agent's key lives unless the dispatcher deletes it first: longer than the
+dispatcher takes to apply an agent's last events, short of an outage of many minutes."""
 
 
 class Heartbeat:
@@ -90,17 +99,20 @@ class Heartbeat:
                 f"({error}): its credentials were withdrawn (token revoked?)"
             )
 
-    async def _beat(self) -> None:
-        value = _json.encode(
+    def _value(self, **extra: object) -> bytes:
+        return _json.encode(
             {
                 "pool": self.pool,
                 "hostname": self.hostname,
                 "pid": os.getpid(),
                 "at": time.time(),
                 "running": self._running(),
+                **extra,
             }
         )
-        await self.redis.set(self.key, value, px=max(1, int(self.ttl * 1000)))
+
+    async def _beat(self) -> None:
+        await self.redis.set(self.key, self._value(), px=max(1, int(self.ttl * 1000)))
         for lost in await self.leases.reassert(self._held()):
             self._on_lost(lost)
         await self.leases.release_pending()
@@ -126,11 +138,11 @@ class Heartbeat:
             failing = False
 
     async def stop(self) -> None:
-        """Delete the key: the dispatcher sees at once that this agent is gone."""
+        """Mark the key stopped: the dispatcher deletes it after this agent's last events."""
         try:
-            await self.redis.delete(self.key)
+            await self.redis.set(self.key, self._value(state="stopped"), px=int(STOPPED_TTL * 1000))
         except (RedisError, OSError) as exc:
             log.warning(
-                "could not delete the heartbeat key; it expires by itself",
+                "could not mark the heartbeat key stopped; it expires by itself",
                 extra={"agent_id": self.agent_id, "error": str(exc)},
             )

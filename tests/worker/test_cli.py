@@ -140,7 +140,8 @@ async def test_agent_process_registers_runs_and_drains_on_sigterm(
     assert any(
         isinstance(e, messages.AgentOffline) and e.agent_id == agent_id for e in broker.events
     )
-    assert not redis_client.exists(keys.agent(agent_id))
+    # Marked stopped; the dispatcher (absent here) deletes it after the offline event.
+    assert json.loads(redis_client.get(keys.agent(agent_id)) or "{}")["state"] == "stopped"
     log = process.log.read_text()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(line["event"] == "agent ready" and line["agent_id"] == agent_id for line in lines)

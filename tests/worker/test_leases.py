@@ -139,7 +139,8 @@ async def test_heartbeat_key_describes_the_agent(
         assert beat["running"] == 0
         assert {"hostname", "at"} <= beat.keys()
         assert 0 < redis_client.pttl(keys.agent(agent.agent_id)) <= 3000
-    assert redis_client.get(keys.agent(agent.agent_id)) is None
+    # Stopped: marked, for the dispatcher to delete after the agent's last events.
+    assert json.loads(redis_client.get(keys.agent(agent.agent_id)) or "{}")["state"] == "stopped"
 
 
 async def test_lost_leases_are_recreated(

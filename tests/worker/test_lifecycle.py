@@ -3,6 +3,7 @@ cannot finish, and intake pauses instead of hoarding deliveries behind long task
 
 from __future__ import annotations
 
+import json
 from urllib.parse import quote
 
 import aiormq.exceptions
@@ -114,7 +115,10 @@ async def test_drain_finishes_what_it_can_and_hands_back_the_rest(
         )
 
     await await_until(offline, 5, "agent_offline")
-    assert redis_client.get(keys.agent(agent.agent_id)) is None
+    # Marked stopped, not deleted: the dispatcher deletes it once it applied the offline event.
+    stopped = json.loads(redis_client.get(keys.agent(agent.agent_id)) or "{}")
+    assert stopped["state"] == "stopped"
+    assert redis_client.pttl(keys.agent(agent.agent_id)) > 60_000
     assert agent.running == 0
 
 
