@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import msgspec
 import pytest
 
@@ -110,13 +109,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
 @pytest.fixture
 def private_postgres_url(private_postgres: PrivatePostgres) -> str:
     """A migrated database of this test's own on the private server."""
-    name = f"rexec_{uuid.uuid4().hex[:10]}"
-    anyio.run(private_postgres._admin, f'CREATE DATABASE "{name}"')
-    url = private_postgres.url(name)
-    from rexec.dispatcher.db.migrate import upgrade
-
-    upgrade(url)
-    return url
+    return private_postgres.create_database()
 
 
 @pytest.fixture

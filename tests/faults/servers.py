@@ -15,6 +15,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import anyio
@@ -401,6 +402,16 @@ class PrivatePostgres:
     def restart(self) -> None:
         """``pg_ctl restart -m fast``: connections terminated, the server back at once."""
         self._pg_ctl("restart", "-m", "fast", "-l", str(self.dir / "postgres.log"))
+
+    def create_database(self) -> str:
+        """A new database with rexec's schema migrated; returns its URL."""
+        name = f"rexec_{uuid.uuid4().hex[:10]}"
+        anyio.run(self._admin, f'CREATE DATABASE "{name}"')
+        url = self.url(name)
+        from rexec.dispatcher.db.migrate import upgrade
+
+        upgrade(url)
+        return url
 
     def refuse_connections(self, database: str) -> None:
         """Make ``database`` refuse connections, and cut off those it has (as a failover

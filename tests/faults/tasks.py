@@ -59,3 +59,35 @@ def hold(release: str, timeout: float = 60.0) -> str:
             raise TimeoutError(f"{release} was not created within {timeout}s")
         time.sleep(0.05)
     return "released"
+
+
+LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS executions (
+    execution TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started REAL NOT NULL,
+    finished REAL
+)
+"""
+
+
+def ledger(path: str, key: str, seconds: float) -> str:
+    """Record this execution of the task ``key`` in the SQLite ledger at ``path`` when it starts
+    and when it ends, sleeping ``seconds`` between; return the execution's id. The ledger is
+    the soak's outside view of what ran, and how often, whatever the plane believes."""
+    import sqlite3
+    import uuid
+
+    execution = uuid.uuid4().hex
+    with sqlite3.connect(path, timeout=60) as db:
+        db.execute(
+            "INSERT INTO executions (execution, key, pid, started) VALUES (?, ?, ?, ?)",
+            (execution, key, os.getpid(), time.time()),
+        )
+    time.sleep(seconds)
+    with sqlite3.connect(path, timeout=60) as db:
+        db.execute(
+            "UPDATE executions SET finished = ? WHERE execution = ?", (time.time(), execution)
+        )
+    return execution
