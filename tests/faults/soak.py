@@ -6,8 +6,8 @@ One dispatcher, three agents, PostgreSQL, a RabbitMQ and a Redis of the soak's o
 drawn by a seeded ``random.Random`` (the seed is printed, so any run can be repeated): agent
 kill -9 (its process alone, as an OOM kill), agent SIGSTOP of its whole process group for
 longer than the heartbeat TTL then SIGCONT, agent SIGTERM and a new agent, RabbitMQ restart,
-Redis restart (every key lost), Redis freeze, dispatcher kill -9 and restart, PostgreSQL
-restart. After each, a probe task measures how long until the plane runs work again.
+Redis restart (every key lost), Redis FLUSHALL, Redis freeze, dispatcher kill -9 and
+restart, PostgreSQL restart. After each, a probe task measures how long until the plane runs work again.
 
 Every task is ``tests.faults.tasks:ledger``: each execution writes a row when it starts and
 when it ends, in an SQLite file no fault touches. At the end, for every accepted task:
@@ -37,6 +37,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import redis
 
 from rexec.client import RexecClient, RexecError, TaskView
 from rexec.schemas.api import TaskState
@@ -201,6 +203,7 @@ class Soak:
             "rabbitmq_restart": self.services.rabbit.restart,
             "redis_restart": self.services.redis.restart,
             "redis_freeze": self.redis_freeze,
+            "redis_flush": self.redis_flush,
             "dispatcher_kill9": self.dispatcher_kill9,
             "postgres_restart": self.services.postgres.restart,
         }
@@ -231,6 +234,14 @@ class Soak:
             self.lasting(TTL * 2)
         finally:
             self.services.redis.thaw()
+
+    def redis_flush(self) -> None:
+        """Every key gone at once, the server unchanged (an operator's FLUSHALL)."""
+        client = redis.Redis.from_url(self.services.redis.url)
+        try:
+            client.flushall()
+        finally:
+            client.close()
 
     def dispatcher_kill9(self) -> None:
         self.dispatcher.signal(signal.SIGKILL)
