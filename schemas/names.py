@@ -15,6 +15,8 @@ POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 REASON_HEADER = "x-rexec-reason"
 """Header that says why a message was dead-lettered by rexec (rather than by the broker)."""
+DEAD_LETTER_AGENT_HEADER = "x-rexec-agent"
+"""Header naming the agent that dead-lettered a task message."""
 
 
 def pool_queue(pool: str) -> str:
@@ -52,6 +54,9 @@ def agent_of_broker_user(user: str) -> str | None:
 
 LEASE_TOMBSTONE = "watchdog"
 """The holder the watchdog writes on the lease of an attempt it ended: never claimed again."""
+LEASE_RELEASED = "released:"
+"""Prefix of the holder an agent writes on the lease of an attempt it finished (``released:``
+and its id): never claimed again, whether that agent still lives or not."""
 
 
 class RedisKeys:

@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from redis.exceptions import RedisError
 
 from rexec.schemas import messages, signing, tracing
-from rexec.schemas.names import LEASE_TOMBSTONE
+from rexec.schemas.names import LEASE_RELEASED, LEASE_TOMBSTONE
 
 from . import spans
 from .allow import allowed, refusal, task_target
@@ -290,7 +290,10 @@ class TaskHandler:
             await self._hand_back(item, "draining")
             return Outcome.HANDED_BACK
         if claim.outcome is Claim.DUPLICATE:
-            if claim.previous_holder not in (self.agent_id, LEASE_TOMBSTONE):
+            holder = claim.previous_holder
+            if holder not in (self.agent_id, LEASE_TOMBSTONE) and not holder.startswith(
+                LEASE_RELEASED
+            ):
                 # Another live agent holds it. If that agent died after claiming and before
                 # its ``started`` reached the broker, this copy is the task's last: dropping
                 # it would strand the task, queued, with nothing left to publish it. The

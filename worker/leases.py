@@ -39,8 +39,9 @@ _BATCH = """
 -- a failover, the new primary's clock must not lag by more than the time between claims).
 -- A claim finds the attempt cancelled, held (by this agent or a live one: a duplicate) or
 -- free (never held, or held by an agent whose heartbeat key is gone: taken over). A
--- tombstoned attempt is a duplicate too: a redelivery of it must not run. A release
--- keeps the lease key a while (RELEASED_TTL) so a late duplicate is still recognised.
+-- tombstoned or released attempt is a duplicate too: a redelivery of it must not run. A
+-- release marks the lease 'released:<agent>' for a while (RELEASED_TTL), so a late duplicate
+-- is still recognised after the agent that ran it is gone.
 -- The keys only read (cancel markers, holders' heartbeats) are not KEYS: Redis' ACL takes
 -- every declared key as written, and an agent may only read those.
 local out = {}
@@ -51,7 +52,7 @@ for i = 2, #KEYS do
   if kind == 'release' then
     redis.call('SREM', KEYS[1], member)
     if redis.call('GET', lease) == ARGV[1] then
-      redis.call('EXPIRE', lease, ARGV[3])
+      redis.call('SET', lease, 'released:' .. ARGV[1], 'EX', ARGV[3])
     end
     table.insert(out, 'released')
     table.insert(out, '')
@@ -63,6 +64,7 @@ for i = 2, #KEYS do
   else
     local holder = redis.call('GET', lease)
     if holder and (holder == ARGV[1] or holder == ARGV[5]
+                   or string.sub(holder, 1, 9) == 'released:'
                    or redis.call('EXISTS', ARGV[4] .. holder) == 1) then
       table.insert(out, 'duplicate')
       table.insert(out, holder)

@@ -39,11 +39,28 @@ async def test_duplicate_delivery_runs_once(
         assert agent.stats.started == 2
         # The released lease lingers, short-lived, so late duplicates are still recognised.
         lease = keys.lease(pool, message.task_id, 1)
-        assert redis_client.get(lease) == agent.agent_id
+        assert redis_client.get(lease) == f"released:{agent.agent_id}"
         assert 0 < redis_client.ttl(lease) <= 600
         assert not redis_client.sismember(
             keys.agent_leases(agent.agent_id), member(message.task_id, 1)
         )
+
+
+async def test_a_late_duplicate_of_a_finished_attempt_never_runs_after_its_agent_is_gone(
+    broker: Broker, agent_settings: Settings, pool: str, redis_client: redis.Redis, keys: RedisKeys
+) -> None:
+    """Item 9 of issue 20: a released lease guarded only while its agent lived (a dead
+    holder's lease is taken over), so a relay replay delivered after the agent that ran the
+    attempt had gone ran it a second time."""
+    message = task(pool, "tests.tasks:add", args=[1, 2])
+    async with running_agent(broker, agent_settings, pool) as first:
+        assert isinstance(await broker.run(pool, message), messages.Succeeded)
+    redis_client.delete(keys.agent(first.agent_id))  # gone, as after its TTL
+    async with running_agent(broker, agent_settings, pool) as second:
+        await broker.publish(pool, message)  # the replay
+        await until(lambda: second.stats.duplicates == 1, 10, "the replay dropped")
+        assert second.stats.started == 0
+    assert [type(e) for e in broker.of(message.task_id)] == [messages.Started, messages.Succeeded]
 
 
 async def test_a_claim_whose_reply_was_lost_still_runs(
