@@ -149,7 +149,9 @@ class Watchdog:
         interval = rt.settings.watchdog_interval
         self.lease = LeaderLease(rt.sessions, "watchdog", self.replica, ttl=max(3 * interval, 3.0))
         self.gate = RedisGate(rt)
-        self._background: anyio.abc.TaskGroup
+        self._background: anyio.abc.TaskGroup | None = None
+        """Where follow-up cut-offs run (set by ``run``; a watchdog driven tick by tick, as in
+        tests, has none and cuts off once)."""
 
     async def run(self) -> None:
         """Tick forever. A tick that fails (database away, or a bug) is logged once per
@@ -185,13 +187,19 @@ class Watchdog:
             await self.backstop_timeouts()
 
     async def requeue_lost(self) -> None:
+        """Judge the agents that run tasks, and those that say they are online though idle: a
+        hung idle agent's open prefetch window swallows new deliveries, which would wait for
+        the broker's heartbeat timeout (a minute or more) unless it is cut off."""
         async with self.rt.sessions() as session:
             running = (
                 await session.execute(
                     select(Task.agent_id).where(Task.state == TaskState.RUNNING).distinct()
                 )
             ).scalars()
-            agent_ids = [a for a in running if a]
+            online = (
+                await session.execute(select(Agent.id).where(Agent.state == "online"))
+            ).scalars()
+            agent_ids = sorted({a for a in running if a} | set(online))
         if not agent_ids:
             return
         began = time.monotonic()
@@ -256,6 +264,13 @@ class Watchdog:
         if requeued:
             self.rt.metrics.requeues.labels("agent_lost").inc(requeued)
         if not stopped:
+            if agent is not None and agent.state == "online":
+                log.warning(
+                    "agent lost while idle: cut off",
+                    extra={"agent_id": agent_id, "connection_closed": closed},
+                )
+                if not closed:
+                    self._keep_cutting_off(agent.pool, agent_id)
             return
         log.warning(
             "agent lost: its attempts were handed back",
@@ -268,7 +283,11 @@ class Watchdog:
         self.rt.wake_relay()
         await self.stop_attempts(agent_id, stopped)
         if agent is not None and not closed:
-            self._background.start_soon(self.keep_cutting_off, agent.pool, agent_id)
+            self._keep_cutting_off(agent.pool, agent_id)
+
+    def _keep_cutting_off(self, pool: str, agent_id: str) -> None:
+        if self._background is not None:
+            self._background.start_soon(self.keep_cutting_off, pool, agent_id)
 
     async def cut_off(self, pool: str, agent_id: str) -> bool:
         closed = await close_agent_connections(

@@ -288,3 +288,27 @@ def close_connections_of(plane: Plane, agent_id: str) -> int:
     return anyio.run(
         close_agent_connections, plane.settings, pool, agent_id, "test: as consumer_timeout would"
     )
+
+
+def test_tasks_delivered_to_an_idle_hung_agent_run_elsewhere_within_the_ttl(
+    plane: Plane, pool_name: str
+) -> None:
+    """Issue 20, item 9: an agent hung while idle (SIGSTOP of it and its children) runs no
+    task, so the watchdog never looked at it; the broker kept delivering into its open
+    prefetch window, and those deliveries waited for the AMQP heartbeat (a minute or more).
+    Its heartbeat key expires like any other: it is cut off, and they go to the other agent."""
+    victim = start_victim(plane, pool_name)
+    plane.start_agent(pool_name, "--concurrency", "4", *ALLOW, name="survivor")
+    online(plane, pool_name, 2)
+    os.killpg(victim.pid, signal.SIGSTOP)
+    try:
+        hung = time.monotonic()
+        ids = [plane.client.submit(pool_name, "tests.tasks:add", args=[i, 1]).id for i in range(8)]
+        done = plane.client.wait(ids, timeout=failover_bound(plane, 0.0) + 20)
+        elapsed = time.monotonic() - hung
+        lost = [a.pid for a in plane.client.list_agents(pool=pool_name) if a.state == "lost"]
+    finally:
+        os.killpg(victim.pid, signal.SIGCONT)
+    assert [t.state for t in done] == [TaskState.SUCCEEDED] * 8, [t.state for t in done]
+    assert elapsed < failover_bound(plane, 0.0), f"took {elapsed:.1f}s"
+    assert lost == [victim.pid]
