@@ -111,6 +111,7 @@ class RedisKeys:
             "+srem",
             "+evalsha",
             "+eval",
+            "+time",  # the lease script's fencing token
             "+script|load",
         ]
 

@@ -45,6 +45,13 @@ _BATCH = """
 -- The keys only read (cancel markers, holders' heartbeats) are not KEYS: Redis' ACL takes
 -- every declared key as written, and an agent may only read those.
 local out = {}
+-- The fencing token of this call's claims, read before anything is written. An agent whose
+-- Redis user may not run TIME (registered before fencing) claims with 0: fenced by id alone.
+local clock = redis.pcall('TIME')
+local fence = 0
+if type(clock) == 'table' and clock.err == nil then
+  fence = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+end
 for i = 2, #KEYS do
   local base = 5 + 3 * (i - 2)
   local kind, member, marker = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
@@ -72,10 +79,9 @@ for i = 2, #KEYS do
     else
       redis.call('SET', lease, ARGV[1], 'EX', ARGV[2])
       redis.call('SADD', KEYS[1], member)
-      local now = redis.call('TIME')
       table.insert(out, 'claimed')
       table.insert(out, holder or '')
-      table.insert(out, tonumber(now[1]) * 1000000 + tonumber(now[2]))
+      table.insert(out, fence)
     end
   end
 end

@@ -144,6 +144,7 @@ async def test_an_agent_writes_only_its_own_keys_in_redis(
         await client.set(keys.agent(registered.agent_id), "{}", px=3000)  # its own heartbeat
         await client.set(keys.lease(pool, "t1", 1), registered.agent_id)  # its pool's lease
         assert await client.exists(keys.agent(neighbour.agent_id)) == 0  # may read heartbeats
+        assert (await client.time())[0] > 0  # the lease script's fencing token is Redis' clock
         no = redis.exceptions.NoPermissionError
         # It cannot forge a neighbour's heartbeat (that would keep a dead agent "alive")...
         await refused(client.set(keys.agent(neighbour.agent_id), "{}"), no)
