@@ -75,6 +75,14 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.dead_letters = Counter(
+            "rexec_dead_letters",
+            "Tasks of dead-lettered task messages, by what the dispatcher did: republished, "
+            "failed, or nothing (not_queued, stale_attempt, unknown_task; not_a_task and "
+            "error count messages).",
+            ["outcome"],
+            registry=r,
+        )
         self.event_failures = Counter(
             "rexec_event_failures",
             "Event messages whose handling raised: dead-lettered to rexec.dead.events with "

@@ -1,4 +1,5 @@
-"""``rexec serve``: the orchestration plane (API, relay, events consumer, watchdog) in one process."""
+"""``rexec serve``: the orchestration plane (API, relay, events and dead-letter consumers,
+watchdog) in one process."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rexec.schemas.settings import Settings
 from . import credentials
 from .api import create_app
 from .db.migrate import upgrade
+from .deadletters import run_dead_letters
 from .direct import DirectPublisher
 from .events import run_events
 from .relay import run_relay
@@ -55,6 +57,7 @@ async def serve(settings: Settings) -> None:
                 await tg.start(rt.direct.run)
             tg.start_soon(run_relay, rt)
             tg.start_soon(run_events, rt)
+            tg.start_soon(run_dead_letters, rt)
             tg.start_soon(Watchdog(rt).run)
             if settings.agent_credentials == "scoped":
                 tg.start_soon(credentials.keep, rt)

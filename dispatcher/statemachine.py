@@ -158,6 +158,41 @@ def on_expiry(task: Snapshot) -> Decision:
     return Transition(TaskState.EXPIRED, "expired", None)
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A task message of ``attempt`` that died in ``rexec.dead.<pool>``, and why.
+
+    ``retryable``: the broker dead-lettered it at the pool queue's delivery limit (deliveries
+    returned by crashes, cut-offs and broker restarts), so nothing says the task is at fault.
+    ``signed``: the body verifies against this plane's keys; one that does not (a forgery, or
+    a key retired since) must not end a task, only have its attempt published again, signed."""
+
+    attempt: int
+    reason: str
+    retryable: bool = False
+    signed: bool = True
+
+
+def on_dead_letter(task: Snapshot, dead: DeadLetter, rng: random.Random | None = None) -> Decision:
+    """A dead-lettered task message: only a task still ``queued`` at that attempt is waiting
+    for it (any other has started or ended through another copy, or moved on).
+
+    Unsigned: publish the same attempt again. Dead at the delivery limit: the next attempt
+    after the backoff while attempts remain (a crash loop cannot strand a task, and a message
+    that kills every agent that takes it still ends), else ``failed``. Refused by an agent
+    (bad signature, wrong pool, malformed): ``failed``, since a copy would be refused alike."""
+    if dead.attempt != task.attempt:
+        return Reject("stale_attempt")
+    if task.state is not TaskState.QUEUED:
+        return Reject("not_queued")
+    if not dead.signed:
+        return Transition(TaskState.QUEUED, dead.reason, None, retry_in=0.0, same_attempt=True)
+    if dead.retryable and task.attempt < task.max_attempts:
+        delay = retry_delay(task.retry_backoff, task.attempt, rng)
+        return Transition(TaskState.QUEUED, dead.reason, None, retry_in=delay)
+    return Transition(TaskState.FAILED, dead.reason, None)
+
+
 def _failure(
     task: Snapshot,
     final: TaskState,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from aio_pika.exceptions import ChannelClosed
 from pamqp.common import FieldTable
 
@@ -51,7 +51,6 @@ async def declare_core(channel: AbstractChannel) -> None:
 async def declare_pool(channel: AbstractChannel, pool: str, delivery_limit: int) -> None:
     """The pool's quorum queue; poison messages go to ``rexec.dead.<pool>`` after the limit."""
     tasks = await channel.get_exchange(names.TASKS_EXCHANGE)
-    dead = await channel.get_exchange(names.DEAD_EXCHANGE)
     queue = await channel.declare_queue(
         names.pool_queue(pool),
         durable=True,
@@ -63,8 +62,16 @@ async def declare_pool(channel: AbstractChannel, pool: str, delivery_limit: int)
         },
     )
     await queue.bind(tasks, routing_key=pool)
-    dead_queue = await channel.declare_queue(names.dead_queue(pool), durable=True, arguments=QUORUM)
-    await dead_queue.bind(dead, routing_key=pool)
+    await declare_dead_queue(channel, pool)
+
+
+async def declare_dead_queue(channel: AbstractChannel, pool: str) -> AbstractQueue:
+    """``rexec.dead.<pool>``, bound to ``rexec.dead``: where the pool's unusable task messages
+    go (the broker's at the delivery limit, an agent's with the reason)."""
+    dead = await channel.get_exchange(names.DEAD_EXCHANGE)
+    queue = await channel.declare_queue(names.dead_queue(pool), durable=True, arguments=QUORUM)
+    await queue.bind(dead, routing_key=pool)
+    return queue
 
 
 def _pool_queues(pool: str) -> tuple[str, str]:

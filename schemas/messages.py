@@ -124,9 +124,9 @@ class Expired(_Event, frozen=True, tag="expired"):
 
 
 class Returned(_Event, frozen=True, kw_only=True, tag="returned"):
-    """An attempt the agent received but did not start: from a batch when it drains or waited
-    too long for a slot (a single-task delivery is requeued instead), or any delivery whose
-    claim found another live agent holding the attempt. The dispatcher publishes the same
+    """An attempt the agent received but did not start: when it drains or waited too long for
+    a slot (a requeue would spend the pool queue's delivery limit), or whose claim found
+    another live agent holding the attempt. The dispatcher publishes the same
     attempt again if it has not started (at once, or after a pause for ``held_elsewhere``)."""
 
     reason: Annotated[str, msgspec.Meta(max_length=64)]

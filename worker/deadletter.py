@@ -17,7 +17,7 @@ from rexec.schemas import names
 
 log = logging.getLogger("rexec.agent.deadletter")
 
-AGENT_HEADER = "x-rexec-agent"
+AGENT_HEADER = names.DEAD_LETTER_AGENT_HEADER
 
 
 async def dead_letter(
@@ -37,6 +37,8 @@ async def dead_letter(
         message.body,
         headers=headers,
         content_type=message.content_type,
+        type=message.type,
+        message_id=message.message_id,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         user_id=user_id,
     )

@@ -4,9 +4,16 @@ The delivery is acked once every task it carries is settled: started (its ``star
 confirmed), finished without starting (expired, refused, duplicate, cancelled) or handed
 back. Until then the broker keeps it, so an agent that dies with a batch half started has it
 redelivered: the tasks that had started are duplicates for their lease (or ended by the
-watchdog, which tombstones their lease), the others start elsewhere. A task handed back from
-a batch cannot be requeued alone (only the whole message could), so it is reported
-``returned`` and the dispatcher publishes that attempt again.
+watchdog, which tombstones their lease), the others start elsewhere.
+
+A task the agent hands back on purpose (it drains, or waited too long for a slot) is reported
+``returned`` and settled: the dispatcher publishes that attempt again, in a new message. A
+requeue would spend the quorum queue's delivery limit: RabbitMQ up to 4.2 counts every return
+(a nack or reject with requeue, as well as the deliveries of a closed channel) and dead-letters
+the message past ``x-delivery-limit``, so a task handed back by a few drains and restarts was
+dead-lettered for nothing (4.3 stops counting ``basic.nack``, not ``basic.reject``). A task of
+a batch could not be requeued alone anyway. Only a delivery whose handling failed is requeued,
+by ``basic.reject``: that counts in every version, so a message that breaks agents ends.
 """
 
 from __future__ import annotations
@@ -66,13 +73,8 @@ class DeliveredTask:
             await self.delivery._settled()
 
     async def hand_back(self, reason: str) -> None:
-        """Give the unstarted task back so another agent runs it (its lease is not held)."""
-        if self.settled:
-            return
-        if not self.delivery.batched:
-            self.settled = True
-            await requeue(self.delivery.message)
-            return
+        """Give the unstarted task back so another agent runs it (its lease is not held),
+        without spending the delivery limit (see the module's docstring)."""
         await self.report_returned(reason)
 
     async def report_returned(self, reason: str) -> None:
@@ -105,7 +107,8 @@ async def ack(message: AbstractIncomingMessage, agent_id: str) -> None:
 
 
 async def requeue(message: AbstractIncomingMessage) -> None:
+    """Return a delivery whose handling failed, counted toward the delivery limit."""
     try:
-        await message.nack(requeue=True)
+        await message.reject(requeue=True)
     except Exception as exc:  # channel lost: the broker requeues it by itself
-        log.debug("nack failed", extra={"error": repr(exc)})
+        log.debug("reject failed", extra={"error": repr(exc)})

@@ -179,11 +179,12 @@ class TaskHandler:
             await self.dead_letter(message, str(exc))
             return
         self.stats.received += len(tasks)
-        if self.slots.stopped:
-            await requeue(message)
-            self.stats.handed_back += len(tasks)
-            return
         delivery = Delivery(message, batched=batched, emit=self.emit, agent_id=self.agent_id)
+        if self.slots.stopped:  # draining: give every task back, none started
+            items = [delivery.task(task, message.headers) for task in tasks]
+            for item in items:
+                await self._hand_back(item, "draining")
+            return
         if not batched:
             await self.handle_task(delivery.task(tasks[0], message.headers))
             return

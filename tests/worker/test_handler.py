@@ -46,7 +46,7 @@ class FakeMessage:
         self.settled.append("requeue" if requeue else "nack")
 
     async def reject(self, requeue: bool = False) -> None:
-        self.settled.append("reject")
+        self.settled.append("reject-requeue" if requeue else "reject")
 
 
 class FakeSlot:
@@ -242,7 +242,8 @@ async def test_a_task_cancelled_before_it_started_is_settled_and_not_run() -> No
     assert s.runner.ran == [] and s.stats.cancelled_before_start == 1
 
 
-async def test_without_a_free_slot_a_single_task_is_requeued_and_a_batch_task_returned() -> None:
+async def test_without_a_free_slot_each_task_is_reported_returned_and_acked() -> None:
+    """Not requeued: a requeue would spend the pool queue's delivery limit."""
     async with stub() as s:
         s.slots.free = 0
         single = one(task(POOL))
@@ -250,8 +251,8 @@ async def test_without_a_free_slot_a_single_task_is_requeued_and_a_batch_task_re
         a, b = task(POOL), task(POOL)
         both = batch(a, b)
         await s.deliver(both)
-    assert single.settled == ["requeue"]
-    assert [e.reason for e in s.events if isinstance(e, messages.Returned)] == ["no_slot"] * 2
+    assert single.settled == ["ack"]
+    assert [e.reason for e in s.events if isinstance(e, messages.Returned)] == ["no_slot"] * 3
     assert both.settled == ["ack"]  # acked once both are settled (reported returned)
     assert s.leases.claimed == [] and s.stats.handed_back == 3
 
@@ -259,9 +260,13 @@ async def test_without_a_free_slot_a_single_task_is_requeued_and_a_batch_task_re
 async def test_a_draining_handler_hands_back_what_it_receives() -> None:
     async with stub() as s:
         s.slots.stopped = True
-        message = one(task(POOL))
-        await s.deliver(message)
-    assert message.settled == ["requeue"] and s.stats.handed_back == 1
+        single = one(task(POOL))
+        await s.deliver(single)
+        both = batch(task(POOL), task(POOL))
+        await s.deliver(both)
+    assert single.settled == ["ack"] and both.settled == ["ack"]
+    assert [e.reason for e in s.events if isinstance(e, messages.Returned)] == ["draining"] * 3
+    assert s.leases.claimed == [] and s.stats.handed_back == 3
 
 
 async def test_each_task_of_a_batch_runs_and_the_delivery_is_acked_once() -> None:

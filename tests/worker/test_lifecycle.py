@@ -103,9 +103,11 @@ async def test_drain_finishes_what_it_can_and_hands_back_the_rest(
     handed_back = await broker.terminal(slow.task_id)
     assert isinstance(handed_back, messages.Failed)
     assert (handed_back.error_type, handed_back.retryable) == ("AgentShutdown", True)
-    assert broker.of(waiting.task_id) == []
-    [back] = await broker.wait_ready(names.pool_queue(pool), 1)  # the waiting task went back
-    assert messages.decode_task(back).task_id == waiting.task_id
+    # Reported returned and acked (the dispatcher publishes it again), not requeued: a
+    # requeue would spend the pool queue's delivery limit.
+    [back] = broker.of(waiting.task_id)
+    assert isinstance(back, messages.Returned) and back.reason == "draining"
+    assert await broker.ready(names.pool_queue(pool)) == []
     assert agent.stats.handed_back == 1
 
     async def offline() -> bool:
@@ -135,9 +137,11 @@ async def test_intake_pauses_and_hands_back_deliveries_behind_long_tasks(
         await broker.publish(pool, queued)
         await until(lambda: agent._parts.intake.pauses == 1, 5, "intake to pause")
         await until(lambda: agent.stats.handed_back == 1, 5, "the waiting delivery handed back")
-        [back] = await broker.wait_ready(names.pool_queue(pool), 1)
-        assert messages.decode_task(back).task_id == queued.task_id
+        back = await broker.wait_for(queued.task_id, messages.Returned)
+        assert back.reason == "no_slot"
+        assert await broker.ready(names.pool_queue(pool)) == []  # acked, not requeued
         assert isinstance(await broker.terminal(long.task_id), messages.Succeeded)
+        await broker.publish(pool, queued)  # what the dispatcher does with a returned attempt
         assert isinstance(await broker.terminal(queued.task_id), messages.Succeeded)
 
 
