@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -332,7 +333,20 @@ class TaskHandler:
             self.stats.started += 1
             started = time.monotonic()
             self._log_task(logging.DEBUG, "task started", task)
-            event = await self.runner.execute(attempt)
+            try:
+                event = await self.runner.execute(attempt)
+            except Exception as exc:  # a bug of ours must still end the attempt and its lease
+                log.exception(
+                    "agent error after the attempt started",
+                    extra={"task_id": task.task_id, "attempt": task.attempt},
+                )
+                event = self.reporter.failed(
+                    task,
+                    "AgentError",
+                    f"the agent failed while running the attempt: {exc!r}",
+                    retryable=True,
+                    traceback=traceback.format_exc(),
+                )
         finally:
             self.attempts.remove(attempt)
             slot.release()  # the next task may start while this one reports

@@ -191,6 +191,25 @@ async def test_a_task_is_claimed_started_acked_run_reported_and_released() -> No
     assert (s.stats.started, s.stats.succeeded, s.stats.finished) == (1, 1, 1)
 
 
+async def test_an_agent_error_after_started_fails_the_attempt_retryably_and_releases() -> None:
+    """Issue 20, item 9: an exception of the agent's own after ``started`` (a bug in the
+    runner, say) left the lease held and the task ``running`` until the agent died."""
+
+    def broken(attempt: Attempt) -> None:
+        raise RuntimeError("a bug in the runner")
+
+    async with stub() as s:
+        t = task(POOL)
+        s.runner.during = broken
+        await s.deliver(one(t))
+    assert s.kinds(t.task_id) == ["Started", "Failed"]
+    [failed] = [e for e in s.events if isinstance(e, messages.Failed)]
+    assert (failed.error_type, failed.retryable) == ("AgentError", True)
+    assert "a bug in the runner" in failed.message
+    assert s.leases.released == [(t.task_id, 1)]
+    assert s.attempts.held == set()
+
+
 async def test_a_lost_lease_stops_the_attempt_reports_nothing_and_releases() -> None:
     async with stub() as s:
         t = task(POOL)
