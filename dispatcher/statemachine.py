@@ -11,8 +11,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from rexec.schemas.api import TaskState
+from rexec.schemas.api import MAX_ATTEMPTS, TaskState
 from rexec.schemas.messages import (
+    AGENT_SHUTDOWN,
     HELD_ELSEWHERE,
     Cancelled,
     Expired,
@@ -52,6 +53,8 @@ class Transition:
     agent_id: str | None
     retry_in: float | None = None
     same_attempt: bool = False
+    unspent: bool = False
+    """For a retry: the attempt that ends is not counted against ``max_attempts``."""
     fence: int = 0
     """For ``running``: the fencing token of the claim it started under."""
 
@@ -105,6 +108,8 @@ def on_event(task: Snapshot, event: TaskEvent, rng: random.Random | None = None)
         return Transition(TaskState.CANCELLED, "cancelled", event.agent_id)
     if isinstance(event, Expired):
         return Transition(TaskState.EXPIRED, "expired", event.agent_id)
+    if isinstance(event, Failed) and event.error_type == AGENT_SHUTDOWN:
+        return _handed_back_at_shutdown(task, event.agent_id)
     if isinstance(event, Failed):
         return _failure(
             task, TaskState.FAILED, event.error_type, event.agent_id, event.retryable, rng
@@ -191,6 +196,17 @@ def on_dead_letter(task: Snapshot, dead: DeadLetter, rng: random.Random | None =
         delay = retry_delay(task.retry_backoff, task.attempt, rng)
         return Transition(TaskState.QUEUED, dead.reason, None, retry_in=delay)
     return Transition(TaskState.FAILED, dead.reason, None)
+
+
+def _handed_back_at_shutdown(task: Snapshot, agent_id: str) -> Transition:
+    """A draining agent stopped the attempt and gave it back (a rolling restart, a scale-in):
+    not the task's doing, so it runs again without spending one of its attempts, or a task of
+    ``max_attempts=1`` would fail at every deploy. Bounded by ``MAX_ATTEMPTS`` in all."""
+    if task.cancel_requested:
+        return Transition(TaskState.CANCELLED, AGENT_SHUTDOWN, agent_id)
+    if task.attempt >= MAX_ATTEMPTS:
+        return Transition(TaskState.FAILED, AGENT_SHUTDOWN, agent_id)
+    return Transition(TaskState.QUEUED, AGENT_SHUTDOWN, agent_id, retry_in=0.0, unspent=True)
 
 
 def _failure(

@@ -111,6 +111,8 @@ def plan(
         attempt = task.attempt if transition.same_attempt else task.attempt + 1
         if not transition.same_attempt:
             values.update(attempt=attempt, agent_id=None, error_json=error_json)
+        if transition.unspent:
+            values["max_attempts"] = task.max_attempts + 1
         outbox = {"task_id": task.id, "attempt": attempt, "available_at": now + transition.retry_in}
     elif transition.to.terminal:
         values["finished_at"] = now

@@ -133,6 +133,9 @@ class Returned(_Event, frozen=True, kw_only=True, tag="returned"):
     """Why, in a word or two (``no_slot``, ``draining``, ``agent_error``, ``held_elsewhere``)."""
 
 
+AGENT_SHUTDOWN = "AgentShutdown"
+"""``error_type`` of the ``failed`` event of an attempt a draining agent stopped and gave back:
+the dispatcher runs it again without counting it against the task's attempts."""
 HELD_ELSEWHERE = "held_elsewhere"
 """A ``Returned`` reason: the claim found the attempt held by another live agent."""
 

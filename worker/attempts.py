@@ -47,7 +47,7 @@ def attempt_outcome(event: messages.TaskEvent | None, reason: StopReason | None)
     if isinstance(event, messages.Cancelled):
         return Outcome.CANCELLED
     if isinstance(event, messages.Failed):
-        if reason is StopReason.SHUTDOWN and event.error_type == "AgentShutdown":
+        if reason is StopReason.SHUTDOWN and event.error_type == messages.AGENT_SHUTDOWN:
             return Outcome.HANDED_BACK  # stopped at the drain deadline, retried elsewhere
         return Outcome.FAILED
     return Outcome.LEASE_LOST

@@ -143,7 +143,7 @@ class Executor:
         if reason is StopReason.SHUTDOWN:
             return self.reporter.failed(
                 task,
-                "AgentShutdown",
+                messages.AGENT_SHUTDOWN,
                 f"agent {self.reporter.agent_id} shut down before the attempt finished; "
                 "it is retried on another agent",
                 retryable=True,

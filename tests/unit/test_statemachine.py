@@ -133,6 +133,27 @@ def test_retryable_failure_requeues_with_backoff_while_attempts_remain() -> None
     assert decision.retry_in is not None and 0.5 <= decision.retry_in <= 1.0
 
 
+def test_an_attempt_handed_back_at_shutdown_runs_again_without_spending_an_attempt() -> None:
+    def shutdown_of(attempt: int) -> Failed:
+        return Failed(
+            task_id="t",
+            attempt=attempt,
+            agent_id="a1",
+            at=2.0,
+            error_type="AgentShutdown",
+            message="drained",
+            retryable=True,
+        )
+
+    shutdown = shutdown_of(1)
+    decision = on_event(snap(R, agent="a1", max_attempts=1), shutdown)
+    assert decision == Transition(Q, "AgentShutdown", "a1", retry_in=0.0, unspent=True)
+    cancelling = on_event(snap(R, agent="a1", cancel_requested=True), shutdown)
+    assert cancelling == Transition(TaskState.CANCELLED, "AgentShutdown", "a1")
+    last = snap(R, attempt=100, agent="a1", max_attempts=100)
+    assert on_event(last, shutdown_of(100)) == Transition(TaskState.FAILED, "AgentShutdown", "a1")
+
+
 def test_failure_on_the_last_attempt_is_final() -> None:
     decision = on_event(snap(R, attempt=3, agent="a1"), failed(attempt=3))
     assert decision == Transition(TaskState.FAILED, "E", "a1")
