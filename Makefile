@@ -46,7 +46,7 @@ UV_CACHE := $(HOME)/.cache/uv
 # tests/airflow start Airflow from this venv's bin/airflow.
 export REXEC_AIRFLOW_VENV := $(abspath $(AIRFLOW_VENV))
 
-.PHONY: help venv airflow-venv services lint typecheck test pytest demo airflow-demo bench format clean deploy-check helm
+.PHONY: help venv airflow-venv services lint typecheck test pytest demo airflow-demo soak bench bench-airflow format clean deploy-check helm
 
 help: ## list the targets
 	@echo "rexec: make <target>"
@@ -167,10 +167,39 @@ demo: venv services ## run the demo: a dispatcher, two agents, a few thousand ta
 airflow-demo: venv airflow-venv services ## Airflow 3 runs a fan-out DAG on two rexec agents; per task queued-to-running and run time
 	$(BIN)/python -m demo.airflow
 
+soak: venv services ## 30 minutes of random faults (SOAK_ARGS='--minutes 5 --seed N'); make test runs two
+	$(BIN)/python -m tests.faults.soak $(SOAK_ARGS)
+
 bench: venv services ## benchmarks: rexec beside Celery, Dramatiq and bare aio-pika (slow; not in test)
 	$(BIN)/python -m pip install -qq --disable-pip-version-check -r bench/requirements.txt
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.failover
+
+# bench/airflow runs Airflow from a venv of its own: the same Airflow pins plus the Edge and Celery
+# providers (never .venv-airflow, which the tests use). uv builds it from its cache like that one.
+AIRFLOW_BENCH_PINS := $(filter-out mypy%,$(AIRFLOW_PINS)) apache-airflow-providers-edge3==5.1.0 \
+	apache-airflow-providers-celery==3.26.0
+AIRFLOW_BENCH_VENV := .venv-airflow-bench
+AIRFLOW_BENCH_STAMP := $(AIRFLOW_BENCH_VENV)/.rexec-installed
+BENCH_AIRFLOW_ARGS ?=
+
+ifneq ($(shell cat '$(AIRFLOW_BENCH_STAMP)' 2>/dev/null),$(AIRFLOW_BENCH_PINS))
+$(AIRFLOW_BENCH_STAMP): FORCE
+endif
+$(AIRFLOW_BENCH_STAMP): pyproject.toml | $(STAMP)
+	@echo "building $(AIRFLOW_BENCH_VENV): $(AIRFLOW_BENCH_PINS) (uv cache: $(UV_CACHE))"
+	@rm -rf '$(AIRFLOW_BENCH_VENV)'
+	@UV_CACHE_DIR='$(UV_CACHE)' UV_PYTHON_DOWNLOADS=never $(BIN)/uv venv --quiet \
+		--python "$$($(PYTHON) -c 'import sys; print(sys.executable)')" '$(AIRFLOW_BENCH_VENV)'
+	@UV_CACHE_DIR='$(UV_CACHE)' $(BIN)/uv pip install --quiet --python '$(AIRFLOW_BENCH_VENV)/bin/python' \
+		$(foreach pin,$(AIRFLOW_BENCH_PINS),'$(pin)') 'editables~=0.3' -e '.[airflow]'
+	@out=$$($(AIRFLOW_BENCH_VENV)/bin/python -c 'import airflow.sdk, airflow.providers.edge3, airflow.providers.celery, rexec' 2>&1) \
+		&& [ -z "$$out" ] || { echo "$$out" >&2; echo "$(AIRFLOW_BENCH_VENV): imports failed" >&2; exit 1; }
+	@echo '$(AIRFLOW_BENCH_PINS)' >'$@'
+
+bench-airflow: venv services $(AIRFLOW_BENCH_STAMP) ## Airflow executors: rexec beside Edge, Celery, Local (slow; BENCH_AIRFLOW_ARGS=...)
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -r bench/requirements.txt
+	REXEC_AIRFLOW_VENV='$(abspath $(AIRFLOW_BENCH_VENV))' $(BIN)/python -m bench.airflow.run $(BENCH_AIRFLOW_ARGS)
 
 format: venv ## ruff format and ruff check --fix
 	$(BIN)/ruff format $(CODE_DIRS)
