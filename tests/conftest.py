@@ -120,8 +120,13 @@ def amqp_url(vhost: str) -> str:
 def redis_prefix(run_id: str) -> Iterator[str]:
     prefix = f"rexec-test-{run_id}"
     yield prefix
+    forget_redis_prefix(prefix)
+
+
+def forget_redis_prefix(prefix: str) -> None:
+    """Delete the shared Redis's keys and agent users under ``prefix``, sub-prefixes too (fault
+    tests isolate each test under "<prefix>-<id>")."""
     client = redis.Redis.from_url(REDIS_URL)
-    # Sub-prefixes too: fault tests isolate each test under "<prefix>-<id>".
     keys = list(client.scan_iter(f"{prefix}*", count=1000))
     if keys:
         client.delete(*keys)

@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-import redis
 
 from rexec.client import RexecClient, TaskView
 from rexec.schemas.settings import load_settings
@@ -29,6 +28,7 @@ from tests.conftest import (
     REDIS_URL,
     SIGNER,
     SIGNING_KEY,
+    forget_redis_prefix,
 )
 from tests.e2e.conftest import Plane
 from tests.support import Process, free_port, wait_until
@@ -175,14 +175,7 @@ class RexecStack:
         self.plane.close()
         self._management.delete(f"/api/vhosts/{quote(self.vhost, safe='')}")
         self._management.close()
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{self.redis_prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        users = [u for u in map(str, client.acl_users()) if u.startswith(f"{self.redis_prefix}-")]
-        if users:
-            client.acl_deluser(*users)
-        client.close()
+        forget_redis_prefix(self.redis_prefix)
 
     def dump(self) -> str:
         parts = [self.plane.dump_logs()]

@@ -25,33 +25,15 @@ from rexec.dispatcher.db.models import Outbox, Pool, Task, TaskTransition
 from rexec.dispatcher.deadletters import run_dead_letters
 from rexec.dispatcher.runtime import Runtime
 from rexec.schemas import messages, names, signing
+from rexec.schemas.api import TaskState
+from tests.dispatcher.test_relay_events import make_task
 from tests.support import await_until
 
 pytestmark = pytest.mark.anyio
 
 
 async def queued_task(rt: Runtime, pool: str, *, state: str = "queued", attempts: int = 3) -> str:
-    task_id = uuid.uuid4().hex
-    async with rt.sessions.begin() as session:
-        session.add(
-            Task(
-                id=task_id,
-                pool=pool,
-                kind="function",
-                target="tests.tasks:add",
-                args_json="[1, 2]",
-                kwargs_json="{}",
-                argv_json="[]",
-                state=state,
-                attempt=1,
-                max_attempts=attempts,
-                retry_backoff=0.0,
-                agent_id=None,
-                created_at=time.time(),
-                cancel_requested=False,
-            )
-        )
-    return task_id
+    return await make_task(rt, pool, TaskState(state), outbox=False, max_attempts=attempts)
 
 
 def body(pool: str, *task_ids: str) -> tuple[bytes, str]:

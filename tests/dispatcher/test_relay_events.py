@@ -32,6 +32,7 @@ async def make_task(
     attempt: int = 1,
     agent: str | None = None,
     outbox: bool = True,
+    max_attempts: int = 3,
 ) -> str:
     task_id = uuid.uuid4().hex
     async with rt.sessions.begin() as session:
@@ -46,7 +47,7 @@ async def make_task(
                 argv_json="[]",
                 state=state.value,
                 attempt=attempt,
-                max_attempts=3,
+                max_attempts=max_attempts,
                 retry_backoff=0.0,
                 agent_id=agent,
                 created_at=time.time(),
