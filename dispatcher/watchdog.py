@@ -43,6 +43,8 @@ log = logging.getLogger("rexec.watchdog")
 
 LEASE_TOMBSTONE_TTL = 86_400
 CLOSE_RETRY_FOR = 12.0
+BACKSTOP_MARGIN = 60.0
+"""Seconds past an attempt's timeout (and a TTL) before the watchdog times it out itself."""
 EXPIRE_CHUNK = 500
 """Queued tasks expired per transaction (one ``IN (...)`` parameter each)."""
 EXPIRE_CHUNKS = 20
@@ -305,9 +307,12 @@ class Watchdog:
                 return
 
     async def backstop_timeouts(self) -> None:
-        """Attempts past their timeout by more than a TTL: the agent failed to enforce it."""
+        """Attempts past their timeout by ``BACKSTOP_MARGIN`` and a TTL: their agent lives (a
+        dead one's attempts are requeued) yet failed to enforce it. The margin is long because
+        a live agent's own ``timed_out`` or result may still wait in a lagging events queue:
+        the backstop must not end the attempt first and have that report refused."""
         now = time.time()
-        margin = self.rt.settings.heartbeat_ttl + 5.0
+        margin = self.rt.settings.heartbeat_ttl + BACKSTOP_MARGIN
         by_agent: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
         requeued = 0
         try:

@@ -213,7 +213,7 @@ async def test_a_success_committed_while_the_timeout_backstop_judges_stands(
     task_id = await make_task(rt, pool_name, TaskState.RUNNING, agent=agent, outbox=False)
     async with rt.sessions.begin() as session:
         await session.execute(
-            update(Task).where(Task.id == task_id).values(timeout=1.0, started_at=time.time() - 60)
+            update(Task).where(Task.id == task_id).values(timeout=1.0, started_at=time.time() - 120)
         )
     watchdog = await leading_watchdog(rt)
 
