@@ -28,6 +28,7 @@ from setproctitle import getproctitle, setproctitle
 from airflow.executors.base_executor import BaseExecutor
 from airflow.executors.workloads import ExecuteTask
 from airflow.sdk.api.client import ServerResponseError
+from airflow.sdk.exceptions import TaskAlreadyRunningError
 from airflow.sdk.log import configure_logging
 from rexec.worker.context import NonRetryable
 
@@ -57,6 +58,12 @@ def run_workload(workload: dict[str, Any]) -> int:
         code = BaseExecutor.run_workload(
             task, subprocess_logs_to_stdout=True, proctitle=f"rexec airflow supervisor: {name}"
         )
+    except TaskAlreadyRunningError as exc:
+        # The task SDK's own name for a 409 while the try runs: it started on an agent since
+        # lost (or frozen), so only Airflow's next try can run it now.
+        raise TryRefused(
+            f"the Execution API refused to start {name} (409, started before): {exc}"
+        ) from None
     except ServerResponseError as exc:
         status = exc.response.status_code
         if status in REFUSALS:

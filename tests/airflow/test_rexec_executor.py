@@ -234,6 +234,17 @@ def test_kill_9_of_the_agent_running_a_try_runs_the_next_try_elsewhere(
     assert run["state"] == "success"
     ti = ti_of(airflow, "rexec_long", run_id, "long")
     assert ti["try_number"] == 2
+    # Try 1 on rexec: its second attempt (on the other agent) was refused at once, for good.
+    # (Airflow 3 gives each try a task instance id of its own: found by run and try number.)
+    [try_1] = [
+        view
+        for view in stack.client.list_tasks(pool=POOL, limit=1000)
+        if (w := view.kwargs.get("workload", {}).get("ti", {})).get("run_id") == run_id
+        and w.get("task_id") == "long"
+        and w.get("try_number") == 1
+    ]
+    assert (try_1.state.value, try_1.attempt) == ("failed", 2), try_1
+    assert try_1.error is not None and try_1.error["type"] == "TryRefused", try_1.error
     stack.agents.pop(victim).stop()
     stack.start_agent(victim + "-again")
 
