@@ -47,6 +47,9 @@ NO_DATABASE = "sqlite:////nonexistent/no-metadata-database-for-workers/airflow.d
 """The metadata database URL :meth:`AirflowInstance.agent_env` gives workers: one that fails."""
 
 FINISHED = frozenset({"success", "failed"})
+DATABASE_ERROR = '"reason":"Database error"'
+DATABASE_BUSY_FOR = 60.0
+"""Seconds a REST call is sent again while Airflow's SQLite database is locked."""
 
 
 def airflow_venv() -> Path:
@@ -310,7 +313,17 @@ class AirflowInstance:
     # REST API ----------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.client.request(method, path, **kwargs)
+        def answered() -> httpx.Response | None:
+            response = self.client.request(method, path, **kwargs)
+            # SQLite locked by the scheduler for longer than its busy timeout (a loaded
+            # machine): Airflow answers 500 "Database error"; the same request later succeeds.
+            if response.status_code == 500 and DATABASE_ERROR in response.text:
+                return None
+            return response
+
+        response: httpx.Response = wait_until(
+            answered, DATABASE_BUSY_FOR, f"{method} /api/v2{path} past a locked SQLite"
+        )
         if response.is_error:
             raise AirflowError(
                 f"{method} /api/v2{path}: {response.status_code} {response.text[:2000]}"
