@@ -33,7 +33,7 @@ from rexec.schemas import messages, names, signing
 
 from . import statemachine, topology, transitions
 from .db.models import Pool
-from .events import outage
+from .events import discard_channel, outage
 from .outages import LoopHealth
 from .runtime import Runtime
 
@@ -80,11 +80,7 @@ async def _consume(rt: Runtime, health: LoopHealth) -> None:
                 await _handle(rt, channel, verifier, message)  # never cut short by the refresh
                 health.ok()
     finally:
-        with anyio.move_on_after(5, shield=True):
-            try:
-                await channel.close()
-            except Exception as exc:
-                log.debug("closing the dead-letter channel failed", extra={"error": repr(exc)})
+        await discard_channel(channel)
 
 
 async def _next(

@@ -87,10 +87,10 @@ async def _consume(rt: Runtime, health: LoopHealth | None = None) -> None:
             if health is not None:
                 health.ok()  # a batch committed: an outage is over
     finally:
-        await _discard(channel)
+        await discard_channel(channel)
 
 
-async def _discard(channel: AbstractChannel) -> None:
+async def discard_channel(channel: AbstractChannel) -> None:
     """Close the channel for good, even one the broker already closed (or that never opened).
 
     A robust channel that was not closed by us is restored when the connection comes back,
@@ -101,7 +101,7 @@ async def _discard(channel: AbstractChannel) -> None:
         try:
             await channel.close()
         except Exception as exc:
-            log.debug("closing the events channel failed", extra={"error": repr(exc)})
+            log.debug("closing a consumer's channel failed", extra={"error": repr(exc)})
 
 
 async def handle_batch(
